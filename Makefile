@@ -1,0 +1,41 @@
+# Two commands set up and run everything: `make train` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The torch a machine without one gets: the CPU build. A venv that already has torch keeps it.
+TORCH_SPEC ?= torch==2.13.0
+NPROC ?= 2
+TRAIN_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: venv train test lint typecheck clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	# Pin whatever torch is now installed, so no later resolution can swap in another build.
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[data,deepspeed,plot,dev]"
+	touch $(STAMP)
+
+train: venv
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer.main \
+		run.name=train-$$(date +%Y%m%d-%H%M%S) $(TRAIN_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+test: lint typecheck
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,61 @@
+"""The seam between the loop and whoever owns backward and the optimizer step.
+
+The loop drives every backend the same way, once per optimizer step::
+
+    backend.set_lr(lr)                       # the LR this global step trains at
+    for i in range(grad_accum_steps):
+        backend.micro_step(batch, last=...)  # forward + backward; gradients sync only on the last
+    grad_norm = backend.optimizer_step()     # clip, step, zero the gradients
+
+No backend holds an LR scheduler: the loop computes the LR from the global step and hands it over,
+so exactly one owner advances the schedule, whatever a backend's engine would otherwise do.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import Config, ConfigError
+from trainer.distributed import DistInfo
+
+
+class Backend(ABC):
+    module: nn.Module
+    """The bare model (not wrapped), for evaluation, saving and export."""
+
+    @abstractmethod
+    def set_lr(self, lr: float) -> None: ...
+
+    @abstractmethod
+    def micro_step(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward one micro-batch; return its summed loss, detached, on the device."""
+
+    @abstractmethod
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, take the optimizer step, zero the gradients; return the pre-clip gradient norm."""
+
+    @abstractmethod
+    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Summed loss of a batch without gradients."""
+
+    @abstractmethod
+    def lrs(self) -> list[float]:
+        """The LR of every parameter group."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def build_backend(cfg: Config, model: nn.Module, info: DistInfo) -> Backend:
+    if cfg.backend.name == "ddp":
+        from trainer.backends.ddp import DDPBackend
+
+        return DDPBackend(cfg, model, info)
+    raise ConfigError(f"backend={cfg.backend.name} is unknown; use backend=ddp")

@@ -1,0 +1,110 @@
+"""Build a causal language model with transformers from the model config. Nothing is downloaded.
+
+Models know nothing of ranks: wrapping for DDP or DeepSpeed happens in ``trainer.backends``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import ConfigError, ModelConfig, OptimConfig
+
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab_size(tokenizer_vocab: int) -> int:
+    """Round the vocabulary up to a multiple of 64: matrix shapes the hardware tiles well."""
+    return math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def hf_config_kwargs(cfg: ModelConfig, vocab_size: int, eos_id: int) -> dict[str, Any]:
+    """Generic preset keys to the transformers config's own names (gpt2 maps them through attribute_map)."""
+    kwargs: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+    }
+    if cfg.arch == "gpt2":
+        if cfg.intermediate_size is not None:
+            kwargs["n_inner"] = cfg.intermediate_size
+        kwargs.update(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
+    else:
+        if cfg.intermediate_size is not None:
+            kwargs["intermediate_size"] = cfg.intermediate_size
+        if cfg.num_kv_heads is not None:
+            kwargs["num_key_value_heads"] = cfg.num_kv_heads
+        if cfg.rope_theta is not None:
+            kwargs["rope_theta"] = cfg.rope_theta
+        kwargs["attention_dropout"] = cfg.dropout
+    kwargs.update(cfg.extra)
+    return kwargs
+
+
+def build_model(cfg: ModelConfig, *, tokenizer_vocab: int, eos_id: int) -> nn.Module:
+    """A randomly initialised model; the caller seeds torch first so every rank builds the same one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    vocab_size = cfg.vocab_size or padded_vocab_size(tokenizer_vocab)
+    if vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens; "
+            "remove model.vocab_size to follow the tokenizer"
+        )
+    try:
+        hf_config = AutoConfig.for_model(cfg.arch, **hf_config_kwargs(cfg, vocab_size, eos_id))
+    except ValueError as err:
+        raise ConfigError(f"model.arch={cfg.arch}: {str(err).splitlines()[0]}") from None
+    hf_config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(hf_config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of a packed batch of shape (B, T + 1).
+
+    Returns the sum over the B * T predicted tokens, so micro-batches and ranks combine into a
+    token-weighted mean by adding sums and counts.
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(input_ids=inputs, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on everything except parameters matching ``optim.no_decay``."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        excluded = any(fnmatch.fnmatch(name, pattern) for pattern in cfg.no_decay)
+        (no_decay if excluded else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, cfg),
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        fused=fused or None,
+    )

@@ -1,0 +1,15 @@
+"""Rank-0 output, decided in one place.
+
+``setup_logging`` makes global rank 0 the only rank that prints information, while warnings and
+errors from every rank still reach the user (tagged with their rank). ``Recorder`` owns the sinks
+(console, metrics.jsonl, wandb); on every other rank it holds none, so the rest of the code logs
+freely without asking which rank it is on.
+"""
+
+from __future__ import annotations
+
+from trainer.observe.console import setup_logging
+from trainer.observe.recorder import Recorder
+from trainer.observe.redact import redact
+
+__all__ = ["Recorder", "redact", "setup_logging"]

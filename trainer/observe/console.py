@@ -1,0 +1,109 @@
+"""Console output: the logging set-up per rank, and rank 0's progress bar or log lines."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger("ramp")
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes through tqdm, so a log line never tears the progress bar."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 prints INFO and up; every other rank prints only warnings and errors, tagged."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    warnings.setFormatter(logging.Formatter(prefix + "%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(warnings)
+    if rank == 0:
+        info = _TqdmHandler(sys.stdout)
+        info.setFormatter(logging.Formatter("%(message)s"))
+        info.addFilter(lambda r: r.levelno < logging.WARNING)
+        root.addHandler(info)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.captureWarnings(True)
+    # transformers keeps its own handler; let its records flow through ours instead.
+    hf = logging.getLogger("transformers")
+    hf.handlers.clear()
+    hf.propagate = True
+    hf.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+
+
+def _fmt_rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s / 1e3:.1f}k" if tokens_per_s >= 1e3 else f"{tokens_per_s:.0f}"
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A bar in an interactive terminal; one compact line per log step when output goes to a file."""
+
+    def __init__(self, mode: str, total: int, initial: int) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode
+        self.total = total
+        self.started = time.perf_counter()
+        self.initial = initial
+        self.bar = (
+            tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, leave=True)
+            if mode == "bar"
+            else None
+        )
+
+    def eta(self, step: int) -> float:
+        done = step - self.initial
+        if done <= 0:
+            return 0.0
+        return (time.perf_counter() - self.started) / done * (self.total - step)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def show(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(
+                f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} tok/s {_fmt_rate(metrics['tokens_per_s'])}",
+                refresh=True,
+            )
+        elif self.mode == "lines":
+            log.info(
+                "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tok/s %s | eta %s",
+                step,
+                self.total,
+                metrics["loss"],
+                metrics["lr"],
+                metrics["grad_norm"],
+                _fmt_rate(metrics["tokens_per_s"]),
+                _fmt_eta(self.eta(step)),
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,116 @@
+"""Sinks for metrics: metrics.jsonl, wandb and the console. Only global rank 0 holds any."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+from pathlib import Path
+from typing import Any, Protocol
+
+from trainer.observe.console import Progress
+
+log = logging.getLogger("ramp")
+
+
+class Sink(Protocol):
+    def write(self, record: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """metrics.jsonl: one JSON object per line, flushed as written so a crash loses nothing logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class WandbSink:
+    """One wandb run per job, written under run.dir; every series is plotted against the global step."""
+
+    def __init__(self, run_dir: Path, settings: Any, run_name: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            name=settings.name or run_name,
+            group=settings.group,
+            tags=list(settings.tags),
+            mode=settings.mode,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            config=config,
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.run.log(record, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Recorder:
+    """Everything that leaves the trainer as metrics goes through here."""
+
+    def __init__(
+        self,
+        is_main: bool,
+        run_dir: Path,
+        config: dict[str, Any],
+        logger_cfg: Any,
+        max_steps: int,
+        start_step: int,
+    ) -> None:
+        self.sinks: list[Sink] = []
+        self.progress: Progress | None = None
+        if not is_main:
+            return
+        self.sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+        if logger_cfg.wandb.mode != "disabled":
+            self.sinks.append(WandbSink(run_dir, logger_cfg.wandb, config["run"]["name"], config))
+        if logger_cfg.progress != "off":
+            self.progress = Progress(logger_cfg.progress, max_steps, start_step)
+
+    def step(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+        if self.progress is not None and "loss" in record:
+            self.progress.show(record["step"], record)
+        elif "val_loss" in record:
+            log.info(
+                "step %d | val_loss %.4f | val_ppl %.2f",
+                record["step"],
+                record["val_loss"],
+                record["val_ppl"],
+            )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")

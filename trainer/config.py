@@ -26,6 +26,11 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class OnNan(str, Enum):
+    halt = "halt"
+    skip = "skip"
+
+
 class ResumeMode(str, Enum):
     auto = "auto"
     never = "never"
@@ -61,7 +66,12 @@ class TrainConfig:
     eval_steps: int = 10
     """Validation micro-batches per rank in one evaluation."""
     ckpt_every: int = 0
-    """Save a checkpoint every N steps; 0 saves none during the run."""
+    """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 3
+    """Keep the newest N checkpoints; older ones are deleted once a newer one is complete."""
+    on_nan: OnNan = OnNan.halt
+    """Non-finite gradient norm: halt (stop before the optimizer step, weights untouched) or skip
+    (drop the update, count it, do not advance the global step or the schedule)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
     precision: Precision = Precision.fp32
@@ -318,6 +328,7 @@ def validate(cfg: Config) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_every"):
         value = getattr(t, key)
         _require(value >= 1, f"train.{key}={value} must be at least 1")
+    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be at least 1")
     for key in ("eval_every", "eval_steps", "ckpt_every"):
         value = getattr(t, key)
         _require(value >= 0, f"train.{key}={value} must be 0 or more")
@@ -368,6 +379,7 @@ def validate(cfg: Config) -> None:
     )
     _require(
         cfg.run.resume in (ResumeMode.auto.value, ResumeMode.never.value) or os.path.exists(cfg.run.resume),
-        f"run.resume={cfg.run.resume} is neither auto, never nor an existing checkpoint path",
+        f"run.resume={cfg.run.resume} is neither auto, never nor an existing checkpoint path; "
+        "point it at a checkpoints/step_<N> folder",
     )
     build_schedule(cfg.schedule, max_steps=t.max_steps, peak_lr=o.lr)

@@ -9,6 +9,7 @@ import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,22 @@ def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+_cpu_group: Any = None
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when any rank says so. Runs on the CPU (a gloo group beside nccl), so it
+    costs no device sync and can run every step."""
+    global _cpu_group
+    if not info.distributed:
+        return flag
+    if info.device.type != "cpu" and _cpu_group is None:
+        _cpu_group = dist.new_group(backend="gloo")
+    tensor = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return bool(tensor.item())
 
 
 def broadcast_object(value: object, info: DistInfo) -> object:

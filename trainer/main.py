@@ -13,36 +13,44 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainer import distributed, rundir
+from trainer import checkpoint, distributed, rundir
 from trainer.backends import build_backend
 from trainer.config import ConfigError, register_configs, to_config
 from trainer.data import build_data
-from trainer.loop import TrainState, fit
+from trainer.loop import Outcome, Trainer, TrainingHalted, TrainState
 from trainer.models import build_model, count_parameters
 from trainer.observe import Recorder, redact, setup_logging
+from trainer.preemption import StopSignal
 from trainer.schedules import build_schedule
 
 log = logging.getLogger("ramp")
 register_configs()
 
 
-def train(dcfg: DictConfig) -> None:
+def train(dcfg: DictConfig) -> Outcome:
     cfg = to_config(dcfg)
-    run_dir = rundir.check(cfg)
+    plan = rundir.check(cfg)
     info = distributed.setup(cfg.train.threads)
     setup_logging(info.rank)
+    stop = StopSignal(info)
     resolved = redact(OmegaConf.to_container(dcfg, resolve=True, enum_to_str=True))
-    assert isinstance(resolved, dict)
     schedule = build_schedule(cfg.schedule, max_steps=cfg.train.max_steps, peak_lr=cfg.optim.lr)
     data = build_data(cfg, info)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model, tokenizer_vocab=data.vocab_size, eos_id=data.eos_id)
-    backend = build_backend(cfg, model, info)
-    del model
+    backend = build_backend(
+        cfg, build_model(cfg.model, tokenizer_vocab=data.vocab_size, eos_id=data.eos_id), info
+    )
     torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout noise per rank
+    resume_from = checkpoint.choose(plan.candidates, info, plan.explicit)
     if info.is_main:
-        rundir.create(run_dir, resolved)
-    recorder = Recorder(info.is_main, run_dir, resolved, cfg.logger, cfg.train.max_steps, start_step=0)
+        rundir.create(plan.run_dir, resolved)
+    resumed = checkpoint.load(resume_from, info, backend) if resume_from else None
+    start = int(resumed.meta["step"]) if resumed else 0
+    recorder = Recorder(
+        info.is_main, plan.run_dir, resolved, cfg.logger, cfg.train.max_steps, start_step=start
+    )
+    trainer = Trainer(cfg, info, backend, data, schedule, recorder, plan.run_dir, resolved)
+    state = trainer.restore(resumed) if resumed else TrainState()
     t = cfg.train
     log.info(
         "ramp | %s: %.2fM parameters | world %d | %d tokens/step (%d x %d x %d ranks x %d accum) | %s -> %s",
@@ -55,15 +63,26 @@ def train(dcfg: DictConfig) -> None:
         info.world_size,
         t.grad_accum_steps,
         schedule.name,
-        run_dir,
+        plan.run_dir,
     )
     try:
-        state = fit(cfg, info, backend, data, schedule, recorder, TrainState())
+        outcome = trainer.fit(state, stop)
     finally:
         recorder.close()
-    log.info("ramp | done: %d steps, %d tokens | %s", state.global_step, state.tokens, run_dir)
-    del backend  # before the process group goes away (see distributed.teardown)
+    if outcome == Outcome.finished:
+        log.info("ramp | done: %d steps, %d tokens | %s", state.global_step, state.tokens, plan.run_dir)
+    del trainer, backend  # before the process group goes away (see distributed.teardown)
     distributed.teardown()
+    return outcome
+
+
+def _exit(code: int, message: str | None = None) -> None:
+    """Leave at once: the interpreter's teardown races gloo's threads in torch 2.13."""
+    if message and distributed.env_rank() == 0:
+        print(f"ramp: error: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -71,15 +90,11 @@ def main(dcfg: DictConfig) -> None:
     try:
         train(dcfg)
     except ConfigError as err:
-        if distributed.env_rank() == 0:
-            print(f"ramp: error: {err}", file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(2)
+        _exit(2, str(err))
+    except TrainingHalted as err:
+        _exit(3, str(err))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Leave without the interpreter's teardown, which races gloo's threads in torch 2.13.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _exit(0)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The loop drives every backend the same way, once per optimizer step::
     backend.set_lr(lr)                       # the LR this global step trains at
     for i in range(grad_accum_steps):
         backend.micro_step(batch, last=...)  # forward + backward; gradients sync only on the last
-    grad_norm = backend.optimizer_step()     # clip, step, zero the gradients
+    grad_norm, applied = backend.optimizer_step()  # clip, step if finite, zero the gradients
 
 No backend holds an LR scheduler: the loop computes the LR from the global step and hands it over,
 so exactly one owner advances the schedule, whatever a backend's engine would otherwise do.
@@ -14,7 +14,7 @@ so exactly one owner advances the schedule, whatever a backend's engine would ot
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,22 +35,28 @@ class Backend(ABC):
         """Forward and backward one micro-batch; return its summed loss, detached, on the device."""
 
     @abstractmethod
-    def optimizer_step(self) -> torch.Tensor:
-        """Clip, take the optimizer step, zero the gradients; return the pre-clip gradient norm."""
+    def optimizer_step(self) -> tuple[torch.Tensor, bool]:
+        """Clip and take the optimizer step, then zero the gradients.
+
+        Returns the pre-clip global gradient norm and whether the update was applied: a non-finite
+        norm leaves the weights and optimizer state untouched (the loop then halts or skips).
+        """
 
     @abstractmethod
     def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Summed loss of a batch without gradients."""
 
     @abstractmethod
-    def lrs(self) -> list[float]:
-        """The LR of every parameter group."""
+    def lrs(self) -> dict[str, float]:
+        """The LR of every parameter group, by group name."""
 
     @abstractmethod
-    def state_dict(self) -> dict[str, Any]: ...
+    def save(self, folder: Path, info: DistInfo) -> None:
+        """Write the model and optimizer state into a checkpoint folder (called on every rank)."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load(self, folder: Path, info: DistInfo) -> None:
+        """Restore what ``save`` wrote (called on every rank)."""
 
 
 def build_backend(cfg: Config, model: nn.Module, info: DistInfo) -> Backend:

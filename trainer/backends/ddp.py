@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.backends import Backend
+from trainer.checkpoint import torch_save_durably
 from trainer.config import Config, Precision
 from trainer.config import DDPBackend as DDPConfig
 from trainer.distributed import DistInfo
@@ -60,15 +62,19 @@ class DDPBackend(Backend):
             (loss * self.loss_scale).backward()
         return loss.detach()
 
-    def optimizer_step(self) -> torch.Tensor:
+    def optimizer_step(self) -> tuple[torch.Tensor, bool]:
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-        self.optimizer.step()
+        # note: a host-device sync, the price of never applying a non-finite update. The norm is of
+        # the all-reduced gradients, so every rank reaches the same answer without talking.
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
+        return norm.detach(), finite
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
@@ -79,12 +85,20 @@ class DDPBackend(Backend):
         finally:
             self.module.train()
 
-    def lrs(self) -> list[float]:
-        return [float(group["lr"]) for group in self.optimizer.param_groups]
+    def lrs(self) -> dict[str, float]:
+        return {
+            group.get("name", str(i)): float(group["lr"])
+            for i, group in enumerate(self.optimizer.param_groups)
+        }
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+    def save(self, folder: Path, info: DistInfo) -> None:
+        # DDP keeps identical replicas: one copy, from global rank 0.
+        if info.is_main:
+            torch_save_durably(self.module.state_dict(), folder / "model.pt")
+            torch_save_durably(self.optimizer.state_dict(), folder / "optimizer.pt")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load(self, folder: Path, info: DistInfo) -> None:
+        model = torch.load(folder / "model.pt", weights_only=True, map_location=self.device)
+        self.module.load_state_dict(model)
+        optimizer = torch.load(folder / "optimizer.pt", weights_only=True, map_location=self.device)
+        self.optimizer.load_state_dict(optimizer)

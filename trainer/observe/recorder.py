@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import secrets
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +23,8 @@ class Sink(Protocol):
 class JsonlSink:
     """metrics.jsonl: one JSON object per line, flushed as written so a crash loses nothing logged."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, start_step: int) -> None:
+        keep_through(path, start_step)
         self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def write(self, record: dict[str, Any]) -> None:
@@ -31,6 +33,18 @@ class JsonlSink:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def keep_through(path: Path, step: int) -> None:
+    """Drop records past ``step``: a resumed run rewrites the steps after its checkpoint exactly once."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        staging = path.with_suffix(".jsonl.tmp")
+        staging.write_text("".join(kept), encoding="utf-8")
+        os.replace(staging, path)
 
 
 class WandbSink:
@@ -81,7 +95,7 @@ class Recorder:
         self.progress: Progress | None = None
         if not is_main:
             return
-        self.sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+        self.sinks.append(JsonlSink(run_dir / "metrics.jsonl", start_step))
         if logger_cfg.wandb.mode != "disabled":
             self.sinks.append(WandbSink(run_dir, logger_cfg.wandb, config["run"]["name"], config))
         if logger_cfg.progress != "off":

@@ -1,0 +1,122 @@
+"""Shared test helpers: run ramp as a user does (real torchrun, real processes), read its outputs back."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ramp_env(cache_dir: Path) -> dict[str, str]:
+    """The environment a test run gets: offline, unbuffered, a shared token cache, no secrets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RAMP_", "TORCHELASTIC_"))}
+    env.update(
+        RAMP_CACHE_DIR=str(cache_dir),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",  # else torchrun prints its own banner about it
+    )
+    return env
+
+
+def run_ramp(
+    overrides: list[str],
+    *,
+    cwd: Path,
+    cache_dir: Path,
+    nproc: int = 2,
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node=N -m trainer.main ...`` (or plain python for nproc 0)."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        cmd = [sys.executable]
+    cmd += ["-m", "trainer.main", *overrides]
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env or ramp_env(cache_dir),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training records, evaluation records) of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def own_lines(output: str) -> list[str]:
+    """Output lines that ramp wrote (torchrun's own launcher banner aside)."""
+    return [
+        line
+        for line in output.splitlines()
+        if line.strip() and "torch/distributed/run.py" not in line and "torch/distributed/elastic" not in line
+    ]
+
+
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+def _wandb_payloads(data: bytes) -> list[bytes]:
+    """Reassemble the records of a wandb ``.wandb`` file (a LevelDB-log-style stream)."""
+    assert data[:4] == b":W&B", "not a wandb data file"
+    payloads, pending, pos = [], b"", HEADER
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        payload = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 1:
+            payloads.append(payload)
+        elif kind == 2:
+            pending = payload
+        elif kind == 3:
+            pending += payload
+        elif kind == 4:
+            payloads.append(pending + payload)
+    return payloads
+
+
+def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
+    """The history rows a wandb offline run logged, each a dict of key -> value."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for payload in _wandb_payloads(run_file.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row = {}
+        for item in record.history.item:
+            key = item.key or "/".join(item.nested_key)
+            row[key] = json.loads(item.value_json)
+        rows.append(row)
+    return rows
+
+
+def wandb_runs(run_dir: Path) -> list[Path]:
+    """The offline run files under a run folder."""
+    return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))

@@ -1,0 +1,67 @@
+"""A wrong configuration: one clear message naming the key, a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import own_lines, run_ramp
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["train.max_stepz=3"], "train.max_stepz"),
+        (["train.max_steps=abc"], "train.max_steps"),
+        (["train.precision=fp16"], "train.precision"),
+        (["schedule=cosine", "schedule.power=2"], "schedule.power"),
+        (["model=gpt9"], "model/gpt9"),
+        (
+            ["train.max_steps=20", "schedule.warmup_steps=50"],
+            "schedule.warmup_steps=50 exceeds train.max_steps=20",
+        ),
+        (["schedule.warmup_ratio=1.5"], "schedule.warmup_ratio"),
+        (["optim.lr=0"], "optim.lr"),
+        (["train.seq_len=4096"], "model.max_position_embeddings"),
+        (["run.resume=/no/such/checkpoint"], "run.resume"),
+        (["logger.wandb.mode=sometimes"], "logger.wandb.mode"),
+    ],
+)
+def test_bad_config_fails_with_one_clear_message(
+    overrides: list[str], named: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, nproc=0, timeout=120)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "outputs").exists(), "a failed start must not create the run folder"
+
+
+def test_existing_run_folder_is_never_touched(tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "outputs" / "gpt2-tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run_dir / "notes.txt").write_text("precious")
+    before = snapshot(run_dir)
+    for overrides in (["run.resume=never"], ["run.resume=auto"], ["optim.lr=-1"]):
+        result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, nproc=0, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert snapshot(run_dir) == before
+    assert "run.dir=outputs/gpt2-tiny" in result.stderr or "optim.lr" in result.stderr
+
+
+@pytest.mark.slow
+def test_bad_config_under_torchrun_is_reported_once(tmp_path: Path, cache_dir: Path) -> None:
+    result = run_ramp(["train.max_steps=10", "schedule.warmup_steps=11"], cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode != 0
+    errors = [line for line in own_lines(result.stderr) if line.startswith("ramp: error:")]
+    assert errors == [
+        "ramp: error: schedule.warmup_steps=11 exceeds train.max_steps=10; lower it or use schedule.warmup_ratio"
+    ]
+    assert not (tmp_path / "outputs").exists()

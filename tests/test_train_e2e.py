@@ -1,0 +1,126 @@
+"""ramp end to end, as a user runs it: real torchrun, two gloo ranks, real wandb offline files."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import get_scheduler
+
+from tests.helpers import own_lines, read_metrics, read_wandb_history, run_ramp, wandb_runs
+
+pytestmark = pytest.mark.slow
+
+COSINE = ["train.max_steps=20", "schedule=cosine", "schedule.warmup_steps=5", "train.log_every=1"]
+
+
+def transformers_lrs(name: str, peak: float, warmup: int, total: int, **kwargs: float) -> list[float]:
+    """The LR of optimizer steps 1..total under ramp's convention: transformers' value after k steps."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs
+    )
+    lrs = []
+    for _ in range(total):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    return lrs
+
+
+@pytest.fixture(scope="module")
+def cosine_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, str]:
+    cwd = tmp_path_factory.mktemp("cosine")
+    result = run_ramp(COSINE, cwd=cwd, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return cwd / "outputs" / "gpt2-tiny", result.stdout + result.stderr
+
+
+def test_two_ranks_write_twenty_records_on_the_transformers_cosine(cosine_run: tuple[Path, str]) -> None:
+    run_dir, _ = cosine_run
+    train, evals = read_metrics(run_dir)
+    assert [r["step"] for r in train] == list(range(1, 21))
+    expected = transformers_lrs("cosine", 6e-4, 5, 20)
+    for record, lr in zip(train, expected, strict=True):
+        assert record["lr"] == pytest.approx(lr, rel=1e-12, abs=1e-18)
+        assert record["lr/decay"] == record["lr/no_decay"] == record["lr"]
+    assert train[0]["lr"] > 0, "step 1 must not train at LR 0"
+    for record in train:
+        for key in ("loss", "tokens", "tokens_per_s", "grad_norm", "step_time", "data_wait_s"):
+            assert math.isfinite(record[key]), key
+    assert [r["tokens"] for r in train] == [4096 * k for k in range(1, 21)]  # 8 x 256 x 2 ranks per step
+    losses = [r["loss"] for r in train]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert [e["step"] for e in evals] == [20]
+    assert math.isfinite(evals[0]["val_loss"]) and evals[0]["val_ppl"] == pytest.approx(
+        math.exp(evals[0]["val_loss"])
+    )
+
+
+def test_run_folder_holds_resolved_config_and_one_wandb_run(cosine_run: tuple[Path, str]) -> None:
+    run_dir, _ = cosine_run
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["train"]["max_steps"] == 20
+    assert config["schedule"]["warmup_steps"] == 5
+    assert config["run"]["dir"] == "outputs/gpt2-tiny"  # interpolations resolved
+    runs = wandb_runs(run_dir)
+    assert len(runs) == 1, runs
+    history = read_wandb_history(runs[0])
+    train, _ = read_metrics(run_dir)
+    logged = {row["step"]: row for row in history if "lr" in row}
+    assert sorted(logged) == list(range(1, 21))
+    for record in train:
+        assert logged[record["step"]]["lr"] == record["lr"]
+        assert logged[record["step"]]["loss"] == record["loss"]
+        assert logged[record["step"]]["_step"] == record["step"]  # x axis: the global step
+
+
+def test_nothing_is_printed_twice(cosine_run: tuple[Path, str]) -> None:
+    _, output = cosine_run
+    lines = own_lines(output)
+    repeated = [line for line, count in Counter(lines).items() if count > 1]
+    assert not repeated, repeated
+    assert sum(line.startswith("step ") and "/20 |" in line for line in lines) == 20
+    assert sum("ramp | done" in line for line in lines) == 1
+
+
+def test_gradient_accumulation_keeps_the_global_step_and_lr(
+    tmp_path: Path, cache_dir: Path, cosine_run: tuple[Path, str]
+) -> None:
+    result = run_ramp([*COSINE, "train.grad_accum_steps=3"], cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    train, _ = read_metrics(tmp_path / "outputs" / "gpt2-tiny")
+    reference, _ = read_metrics(cosine_run[0])
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert [r["lr"] for r in train] == [r["lr"] for r in reference]
+    assert [r["tokens"] for r in train] == [3 * 4096 * k for k in range(1, 21)]
+
+
+def test_logged_loss_does_not_depend_on_the_world_size(tmp_path: Path, cache_dir: Path) -> None:
+    """One rank accumulating 2 micro-batches trains on exactly the samples 2 ranks see in one."""
+    common = ["train.max_steps=4", "train.log_every=1", "train.eval_every=0", "logger.wandb.mode=disabled"]
+    one = run_ramp(
+        [*common, "train.grad_accum_steps=2", "run.name=one"], cwd=tmp_path, cache_dir=cache_dir, nproc=1
+    )
+    two = run_ramp([*common, "run.name=two"], cwd=tmp_path, cache_dir=cache_dir, nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    loss_one = [r["loss"] for r in read_metrics(tmp_path / "outputs" / "one")[0]]
+    loss_two = [r["loss"] for r in read_metrics(tmp_path / "outputs" / "two")[0]]
+    assert len(loss_one) == len(loss_two) == 4
+    assert loss_one == pytest.approx(loss_two, rel=1e-5)
+
+
+def test_single_process_without_torchrun(tmp_path: Path, cache_dir: Path) -> None:
+    result = run_ramp(
+        ["train.max_steps=3", "train.log_every=1", "train.eval_every=0", "logger.wandb.mode=disabled"],
+        cwd=tmp_path,
+        cache_dir=cache_dir,
+        nproc=0,
+    )
+    assert result.returncode == 0, result.stderr
+    train, _ = read_metrics(tmp_path / "outputs" / "gpt2-tiny")
+    assert [r["tokens"] for r in train] == [2048, 4096, 6144]

@@ -1,0 +1,257 @@
+"""Checkpoints: atomic saves, finding the newest complete one, verified loads, and what resume restores.
+
+Layout under ``run.dir/checkpoints/``::
+
+    step_<N>/          a complete checkpoint: only a finished save carries this name
+      model.pt         weights and optimizer state, written by the backend (see trainer.backends)
+      optimizer.pt
+      rank_<r>.pt      each rank's RNG states and its unreduced metrics of the open log interval
+      meta.json        written last: global step, tokens, sampler position, world size, the resolved
+                       config, and the sha256 of every other file
+    latest             the name of the newest complete checkpoint, replaced after the rename
+    .tmp-step_<N>/     a save in progress: never read, removed by the next run
+
+A save writes everything into the temporary folder, flushes it to disk, renames it into place and
+only then points ``latest`` at it, so a kill at any moment leaves the previous checkpoint whole.
+Loading uses ``torch.load(weights_only=True)``: a checkpoint can never execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer import distributed
+from trainer.distributed import DistInfo
+
+log = logging.getLogger("ramp")
+
+FORMAT_VERSION = 1
+META = "meta.json"
+LATEST = "latest"
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a loaded checkpoint hands back to the loop."""
+
+    path: Path
+    meta: dict[str, Any]
+    rank_state: dict[str, Any]
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, newest first (temporary folders are never listed)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[5:].isdigit()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def torch_save_durably(obj: object, path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    np_state: Any = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(mt), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    root: Path,
+    step: int,
+    info: DistInfo,
+    backend: Any,
+    meta: dict[str, Any],
+    rank_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Save step ``step`` collectively (every rank calls this); returns the checkpoint's path."""
+    final = root / f"{PREFIX}{step}"
+    staging = root / f"{TMP_PREFIX}{PREFIX}{step}"
+    if info.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    distributed.barrier(info)
+    torch_save_durably({**rank_state, "rng": rng_state()}, staging / f"rank_{info.rank}.pt")
+    backend.save(staging, info)
+    distributed.barrier(info)
+    if info.is_main:
+        files = {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        meta = {**meta, "format": FORMAT_VERSION, "step": step, "world_size": info.world_size, "files": files}
+        write_durably(staging / META, json.dumps(meta, indent=1).encode())
+        _fsync_dir(staging)
+        if final.exists():  # a save of the same step (e.g. a preemption right after the last save)
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        _fsync_dir(root)
+        write_durably(root / f"{TMP_PREFIX}{LATEST}", final.name.encode())
+        os.replace(root / f"{TMP_PREFIX}{LATEST}", root / LATEST)
+        _fsync_dir(root)
+        for old in complete_checkpoints(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(info)
+    return final
+
+
+def problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be used (missing, truncated, bad checksum), or None when it is whole."""
+    meta_path = path / META
+    if not meta_path.is_file():
+        return f"{META} is missing"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        return f"{META} is unreadable ({err})"
+    for name, digest in meta.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if sha256(file) != digest:
+            return f"{name} does not match its checksum (truncated or corrupted)"
+    return None
+
+
+def choose(candidates: list[Path], info: DistInfo, explicit: bool) -> Path | None:
+    """Global rank 0 verifies the candidates newest first; every rank gets its choice."""
+    chosen: str | None = None
+    if info.is_main:
+        for path in candidates:
+            reason = problem(path)
+            if reason is None:
+                chosen = str(path)
+                break
+            if explicit:
+                chosen = f"!{path}: {reason}"
+                break
+            log.warning("checkpoint %s is unusable: %s; trying the previous one", path, reason)
+    chosen = distributed.broadcast_object(chosen, info)  # type: ignore[assignment]
+    if chosen is not None and chosen.startswith("!"):
+        from trainer.config import ConfigError
+
+        raise ConfigError(f"run.resume={chosen[1:]}")
+    return Path(chosen) if chosen else None
+
+
+def load(path: Path, info: DistInfo, backend: Any) -> Resumed:
+    """Restore the backend's model and optimizer and this rank's RNGs; hand back the rest."""
+    meta = json.loads((path / META).read_text())
+    backend.load(path, info)
+    rank_file = path / f"rank_{info.rank}.pt"
+    rank_state: dict[str, Any] = {}
+    if meta["world_size"] == info.world_size and rank_file.exists():
+        rank_state = torch.load(rank_file, weights_only=True, map_location="cpu")
+        set_rng_state(rank_state.pop("rng"))
+    else:
+        log.warning(
+            "resuming a %d-rank checkpoint on %d ranks: data order continues, per-rank RNG streams restart",
+            meta["world_size"],
+            info.world_size,
+        )
+    return Resumed(path, meta, rank_state)
+
+
+def remove_partial_saves(root: Path) -> None:
+    """Temporary folders of saves that never finished (a kill mid-save)."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
+MATH_KEYS = ("model.", "optim.", "schedule.", "data.", "train.")
+NOT_MATH = {
+    "data.cache_dir",
+    "data.num_proc",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_steps",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.threads",
+    "train.on_nan",
+    "train.compile",
+}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys that change the math between a checkpoint's config and the current one, as 'key: old -> new'."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(MATH_KEYS) and key not in NOT_MATH and old.get(key) != new.get(key):
+            changed.append(f"{key}: {old.get(key)} -> {new.get(key)}")
+    return changed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -120,3 +121,64 @@ def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
 def wandb_runs(run_dir: Path) -> list[Path]:
     """The offline run files under a run folder."""
     return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def launch_ramp(
+    overrides: list[str],
+    *,
+    cwd: Path,
+    cache_dir: Path,
+    log: Path,
+    nproc: int = 2,
+    torchrun_args: tuple[str, ...] = (),
+) -> subprocess.Popen[bytes]:
+    """Start ramp in the background (its own session, so a test can signal or kill the whole job)."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd += list(torchrun_args)
+    else:
+        cmd = [sys.executable]
+    with open(log, "ab") as handle:
+        return subprocess.Popen(
+            [*cmd, "-m", "trainer.main", *overrides],
+            cwd=cwd,
+            env=ramp_env(cache_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def workers(proc: subprocess.Popen[bytes]) -> list[Any]:
+    """The trainer processes of a launched job (torchrun's children, or the process itself)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    found = [p for p in parent.children(recursive=True) if "trainer.main" in " ".join(p.cmdline())]
+    return found or [parent]
+
+
+def kill_job(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the launcher and every process under it at once, as a node failure would."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        everyone = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        everyone = []
+    for process in everyone:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    proc.wait(timeout=30)
+    psutil.wait_procs(everyone, timeout=30)
+
+
+def train_steps(run_dir: Path) -> int:
+    """The last training step recorded in metrics.jsonl (0 if none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)

@@ -334,9 +334,6 @@ def error_case(
     return pytest.param(name, max_steps, peak_lr, keys, needles, id=label)
 
 
-GAP = "validation gap: num_cycles <= 0 is refused for cosine and cosine_with_min_lr but accepted here"
-
-
 @pytest.mark.parametrize(
     ("name", "max_steps", "peak_lr", "keys", "needles"),
     [
@@ -392,7 +389,6 @@ GAP = "validation gap: num_cycles <= 0 is refused for cosine and cosine_with_min
             {"num_cycles": 0.0, "min_lr_rate": 0.1},
             ("schedule.num_cycles",),
             id="cosine_warmup_with_min_lr-num_cycles=0.0",
-            marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=GAP),
         ),
         pytest.param(
             "warmup_stable_decay",
@@ -401,7 +397,6 @@ GAP = "validation gap: num_cycles <= 0 is refused for cosine and cosine_with_min
             {"num_decay_steps": 20, "decay_type": "cosine", "num_cycles": 0.0},
             ("schedule.num_cycles",),
             id="warmup_stable_decay-cosine-num_cycles=0.0",
-            marks=pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=GAP),
         ),
     ],
 )

@@ -9,7 +9,7 @@ Checks that span several keys (a warmup longer than the run, an impossible batch
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any
 
@@ -296,8 +296,23 @@ def register_configs() -> None:
         store.store(group="schedule", name=f"{name}_schema", node=schema)
 
 
+def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    """Hydra lets ``+key=value`` add keys to a typed node; ramp accepts only the keys its schemas declare."""
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in fields(schema)} if schema is not None and is_dataclass(schema) else None
+    for key in map(str, node):
+        if known is not None and key not in known:
+            raise ConfigError(
+                f"{prefix}{key} is not a ramp setting; remove it or check its spelling in the README's key table"
+            )
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and known is not None:
+            _reject_unknown_keys(child, f"{prefix}{key}.")
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Turn a composed DictConfig into typed objects, resolving interpolations, then validate."""
+    _reject_unknown_keys(cfg)
     try:
         config = OmegaConf.to_object(cfg)
     except Exception as err:  # omegaconf reports a missing value or a bad interpolation

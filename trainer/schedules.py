@@ -218,6 +218,7 @@ def _wsd(cfg: WarmupStableDecaySchedule, warmup: int, max_steps: int) -> Multipl
             f"schedule.{key}={value} must be linear, cosine or 1-sqrt",
         )
     _check(0.0 <= cfg.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
+    _check(cfg.num_cycles > 0, f"schedule.num_cycles={cfg.num_cycles} must be > 0")
     if cfg.num_decay_steps is not None:
         _check(cfg.num_decay_steps >= 0, f"schedule.num_decay_steps={cfg.num_decay_steps} must be >= 0")
         decay = cfg.num_decay_steps
@@ -233,7 +234,8 @@ def _wsd(cfg: WarmupStableDecaySchedule, warmup: int, max_steps: int) -> Multipl
     _check(
         stable >= 0 and warmup + stable + decay <= max_steps,
         f"schedule: warmup ({warmup}) + stable ({stable}) + decay ({decay}) steps do not fit in "
-        f"train.max_steps={max_steps}; shorten schedule.num_decay_steps / schedule.decay_ratio or the warmup",
+        f"train.max_steps={max_steps}; shorten schedule.num_stable_steps, schedule.num_decay_steps / "
+        "schedule.decay_ratio or the warmup",
     )
     return partial(
         warmup_stable_decay,
@@ -250,13 +252,17 @@ def _wsd(cfg: WarmupStableDecaySchedule, warmup: int, max_steps: int) -> Multipl
 def _multiplier(cfg: ScheduleConfig, warmup: int, max_steps: int, peak_lr: float) -> Multiplier:
     name = cfg.name
     if name == "constant":
-        _check(warmup == 0, "schedule=constant has no warmup; use schedule=constant_with_warmup")
+        _check(
+            warmup == 0,
+            f"schedule.warmup_steps={warmup}: schedule=constant has no warmup; use schedule=constant_with_warmup",
+        )
         return constant
     if name == "constant_with_warmup":
         return partial(constant_with_warmup, warmup_steps=warmup)
     if name == "linear":
         return partial(linear, warmup_steps=warmup, max_steps=max_steps)
     if isinstance(cfg, CosineWarmupWithMinLRSchedule):
+        _check(cfg.num_cycles > 0, f"schedule.num_cycles={cfg.num_cycles} must be > 0")
         _check(
             cfg.warmup_lr_rate is None or 0.0 <= cfg.warmup_lr_rate <= 1.0,
             f"schedule.warmup_lr_rate={cfg.warmup_lr_rate} must be in [0, 1]",

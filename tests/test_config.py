@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from trainer.config import (
+    DATA_SCHEMAS,
     SCHEDULE_SCHEMAS,
     Config,
     ConfigError,
@@ -72,6 +73,8 @@ def expected_class(group: str, option: str) -> type:
         return SCHEDULE_SCHEMAS[option]
     if group == "backend":
         return BACKEND_CLASSES[option]
+    if group == "data":
+        return DATA_SCHEMAS[option]
     return GROUP_CLASSES[group]
 
 
@@ -88,7 +91,8 @@ def test_every_preset_composes(group: str, option: str) -> None:
     cfg = to_config(compose(f"{group}={option}"))
     node = getattr(cfg, group)
     assert type(node) is expected_class(group, option)
-    assert node.name == option
+    # data.name is a Hugging Face dataset's config name; a data preset is named by its source.
+    assert (node.source if group == "data" else node.name) == option
 
 
 def test_schedule_presets_have_their_schema() -> None:

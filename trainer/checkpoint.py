@@ -226,6 +226,7 @@ MATH_KEYS = ("model.", "optim.", "schedule.", "data.", "train.")
 NOT_MATH = {
     "data.cache_dir",
     "data.num_proc",
+    "data.streaming",
     "train.log_every",
     "train.eval_every",
     "train.eval_steps",

@@ -109,14 +109,65 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING
-    """Source: builtin (the Python standard library's sources)."""
+    """Keys every data source shares; pick the source with ``data=<source>``."""
+
+    source: str = MISSING
+    """builtin (the Python standard library's sources), text (local files) or hf (datasets.load_dataset)."""
     tokenizer: str = "bytes"
-    """bytes: byte-level tokens plus an end-of-document token."""
+    """bytes (byte-level, no training); a tokenizer.json path; a transformers tokenizer name or folder
+    (AutoTokenizer); or train (a byte-level BPE of data.vocab_size trained on the training documents)."""
+    vocab_size: int = 8192
+    """Vocabulary of the BPE that data.tokenizer=train learns, its end-of-document token included."""
+    eos_token: str | None = None
+    """End-of-document token of a tokenizer.json or AutoTokenizer; default: the tokenizer's eos_token,
+    else the first of <|endoftext|>, </s>, <eos>, <|end_of_text|> that its vocabulary holds."""
     val_fraction: float = 0.01
-    """Share of documents held out for validation."""
+    """Share of documents held out for validation (chosen by a hash of each document's id)."""
+    num_proc: int = 1
+    """Processes that tokenize. One is enough on a few cores: Rust tokenizers use every core inside it;
+    on many cores more processes keep its Python side (reading, collecting ids) from holding them back."""
     cache_dir: str | None = None
     """Where tokenized data is cached; default: $RAMP_CACHE_DIR, else ~/.cache/ramp."""
+
+
+@dataclass
+class BuiltinData(DataConfig):
+    source: str = "builtin"
+
+
+@dataclass
+class TextData(DataConfig):
+    source: str = "text"
+    # Any, not list[str]: a single path or glob is the common case, and OmegaConf cannot type a
+    # union of a string and a list. validate() checks the value.
+    files: Any = None
+    """A path, a glob or a folder, or a list of them: .txt (one document per file), .jsonl / .json and
+    .parquet (one document per record)."""
+    text_field: str = "text"
+    """The field holding a record's text in .jsonl, .json and .parquet files."""
+
+
+@dataclass
+class HFData(DataConfig):
+    source: str = "hf"
+    path: str | None = None
+    """A hub dataset name, a local data folder, a save_to_disk folder, or a builder (json, parquet, text,
+    csv, arrow) that reads data.files."""
+    name: str | None = None
+    """The dataset's configuration name (load_dataset's second argument)."""
+    split: str = "train"
+    """The split to train on; the validation documents are held out from it."""
+    files: Any = None
+    """data_files for a builder: a path or glob, or a list of them."""
+    text_field: str = "text"
+    """The column holding a record's text."""
+    streaming: bool = False
+    """Stream the dataset instead of downloading it whole before tokenizing."""
+
+
+DATA_SCHEMAS: dict[str, type[DataConfig]] = {
+    schema.source: schema for schema in (BuiltinData, TextData, HFData)
+}
 
 
 @dataclass
@@ -288,7 +339,8 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     store.store(group="model", name="model_schema", node=ModelConfig)
-    store.store(group="data", name="data_schema", node=DataConfig)
+    for source, data_schema in DATA_SCHEMAS.items():
+        store.store(group="data", name=f"{source}_schema", node=data_schema)
     store.store(group="optim", name="optim_schema", node=OptimConfig)
     store.store(group="backend", name="ddp_schema", node=DDPBackend)
     store.store(group="logger", name="logger_schema", node=LoggerConfig)
@@ -383,7 +435,7 @@ def validate(cfg: Config) -> None:
     )
     _require(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(0 < cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
-    _require(cfg.data.tokenizer == "bytes", f"data.tokenizer={cfg.data.tokenizer} is unknown; use bytes")
+    _validate_data(cfg.data)
     _require(
         cfg.logger.progress in ("auto", "bar", "lines", "off"),
         f"logger.progress={cfg.logger.progress} must be auto, bar, lines or off",
@@ -398,3 +450,21 @@ def validate(cfg: Config) -> None:
         "point it at a checkpoints/step_<N> folder",
     )
     build_schedule(cfg.schedule, max_steps=t.max_steps, peak_lr=o.lr)
+
+
+def _validate_data(d: DataConfig) -> None:
+    """Value checks only: a file that is missing or a tokenizer that cannot load fail in build_data."""
+    _require(bool(d.tokenizer), "data.tokenizer is empty; use bytes, train, a tokenizer.json path or a name")
+    _require(
+        d.tokenizer != "train" or 258 <= d.vocab_size < 2**32,
+        f"data.vocab_size={d.vocab_size} must be at least 258 (256 bytes, the end-of-document token and "
+        "one merge) for data.tokenizer=train",
+    )
+    _require(d.num_proc >= 1, f"data.num_proc={d.num_proc} must be at least 1")
+    files = getattr(d, "files", None)
+    _require(
+        files is None
+        or isinstance(files, str)
+        or (isinstance(files, list) and all(isinstance(f, str) for f in files)),
+        f"data.files={files} must be a path or glob, or a list of them, e.g. data.files=[corpus/*.txt]",
+    )

@@ -44,6 +44,7 @@ def train(dcfg: DictConfig) -> Outcome:
     resume_from = checkpoint.choose(plan.candidates, info, plan.explicit)
     if info.is_main:
         rundir.create(plan.run_dir, resolved)
+        data.save_tokenizer(plan.run_dir)
     resumed = checkpoint.load(resume_from, info, backend) if resume_from else None
     start = int(resumed.meta["step"]) if resumed else 0
     recorder = Recorder(

@@ -1,9 +1,13 @@
-"""Tokenize a corpus once into flat memory-mapped token files, cached under a content key.
+"""The token cache: a corpus tokenized once into flat memory-mapped files, under a content key.
 
-Layout of one cache entry, ``<cache_dir>/<key>/``: ``train.bin`` and ``val.bin`` (documents joined
-with the end-of-document token, uint16 when the vocabulary fits, else uint32) and ``meta.json``.
+Layout of one entry, ``<cache_dir>/<key>/``: ``train.bin`` and ``val.bin`` (documents joined with
+the end-of-document token, uint16 when the vocabulary fits, else uint32), ``meta.json``, and
+``tokenizer.json`` for every tokenizer but bytes (a trained tokenizer lives only here and in the
+run folders). The key hashes the source's fingerprint, the tokenizer and the split, so a changed
+file, tokenizer or ``val_fraction`` gets a new entry and an unchanged one is reused.
+
 An entry is built in a temporary folder and renamed into place, so a reader never sees half of one
-and two builders (two nodes on a shared disk) cannot corrupt each other.
+and two builders (two nodes on a shared disk, two jobs) cannot corrupt each other.
 """
 
 from __future__ import annotations
@@ -11,31 +15,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-import zlib
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from trainer.config import DataConfig
+from trainer.data.pack import is_validation, pack
+from trainer.data.sources import Source
+from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, token_dtype, train_bpe
 
-
-class Source(Protocol):
-    def fingerprint(self) -> dict[str, object]: ...
-    def documents(self) -> Iterator[tuple[str, bytes]]: ...
-
-
-class Tokenizer(Protocol):
-    name: str
-    eos_id: int
-    vocab_size: int
-
-    def encode(self, data: bytes) -> np.ndarray: ...
+FORMAT_VERSION = 2
+log = logging.getLogger("ramp")
 
 
 @dataclass(frozen=True)
@@ -44,24 +41,27 @@ class TokenFiles:
     meta: dict[str, Any]
 
     def tokens(self, split: str) -> np.ndarray:
-        return np.memmap(self.path / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+        dtype = np.dtype(self.meta["dtype"])
+        if self.meta["tokens"][split] == 0:  # an empty file cannot be memory-mapped
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(self.path / f"{split}.bin", dtype=dtype, mode="r")
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        path = self.path / "tokenizer.json"
+        return path if path.exists() else None
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("RAMP_CACHE_DIR") or Path.home() / ".cache" / "ramp")
 
 
-def is_validation(doc_id: str, val_fraction: float) -> bool:
-    """Hold out documents by a hash of their id: stable whatever order the source lists them in."""
-    return zlib.crc32(doc_id.encode()) % 1_000_000 < val_fraction * 1_000_000
-
-
-def cache_key(source: Source, tokenizer: Tokenizer, val_fraction: float) -> str:
+def cache_key(source: Source, tokenizer_name: str, val_fraction: float) -> str:
     blob = json.dumps(
         {
             "format": FORMAT_VERSION,
             "source": source.fingerprint(),
-            "tokenizer": tokenizer.name,
+            "tokenizer": tokenizer_name,
             "val_fraction": val_fraction,
         },
         sort_keys=True,
@@ -69,50 +69,87 @@ def cache_key(source: Source, tokenizer: Tokenizer, val_fraction: float) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _write(source: Source, tokenizer: Tokenizer, val_fraction: float, folder: Path) -> dict[str, Any]:
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    eos = np.array([tokenizer.eos_id], dtype=dtype)
-    counts = {"train": 0, "val": 0}
-    docs = {"train": 0, "val": 0}
-    with open(folder / "train.bin", "wb") as train, open(folder / "val.bin", "wb") as val:
-        for doc_id, text in source.documents():
-            split = "val" if is_validation(doc_id, val_fraction) else "train"
-            ids = tokenizer.encode(text).astype(dtype)
-            handle = val if split == "val" else train
-            handle.write(ids.tobytes())
-            handle.write(eos.tobytes())
-            counts[split] += len(ids) + 1
-            docs[split] += 1
-        for handle in (train, val):
-            handle.flush()
-            os.fsync(handle.fileno())
-    return {
-        "dtype": np.dtype(dtype).name,
-        "tokens": counts,
-        "documents": docs,
-        "tokenizer": tokenizer.name,
-        "vocab_size": tokenizer.vocab_size,
-        "eos_id": tokenizer.eos_id,
-    }
+def lookup(entry: Path) -> TokenFiles | None:
+    if (entry / "meta.json").exists():
+        return TokenFiles(entry, json.loads((entry / "meta.json").read_text()))
+    return None
 
 
-def build_or_load(
-    source: Source, tokenizer: Tokenizer, val_fraction: float, cache_dir: Path, build: bool
-) -> TokenFiles | None:
-    """Return the cached entry; build it first when ``build`` (one process per node does)."""
-    key = cache_key(source, tokenizer, val_fraction)
-    final = cache_dir / key
-    if (final / "meta.json").exists():
-        return TokenFiles(final, json.loads((final / "meta.json").read_text()))
-    if not build:
-        return None
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
+def _train_tokenizer(source: Source, cfg: DataConfig) -> HFTokenizer:
+    """A BPE learned from the training documents only: validation text stays unseen."""
+
+    def texts() -> Any:
+        for batch in source.batches():
+            yield [
+                text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+                for text in batch
+                if not is_validation(text, cfg.val_fraction)
+            ]
+
+    started = time.perf_counter()
+    tokenizer = train_bpe(texts(), cfg.vocab_size)
+    log.info(
+        "ramp | data: trained a byte-level BPE of %d tokens in %.1f s",
+        tokenizer.vocab_size,
+        time.perf_counter() - started,
+    )
+    return tokenizer
+
+
+def build(
+    source: Source, tokenizer: ByteTokenizer | HFTokenizer | None, cfg: DataConfig, entry: Path
+) -> TokenFiles:
+    """Build ``entry`` (``tokenizer`` None: train one first), unless it exists: then reuse it."""
+    found = lookup(entry)
+    if found is not None:
+        log.info(
+            "ramp | data: reusing cached tokens in %s (%d train, %d val tokens)",
+            entry,
+            found.meta["tokens"]["train"],
+            found.meta["tokens"]["val"],
+        )
+        return found
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     try:
-        meta = _write(source, tokenizer, val_fraction, staging)
+        log.info(
+            "ramp | data: tokenizing %s with data.tokenizer=%s into %s", source.describe, cfg.tokenizer, entry
+        )
+        if tokenizer is None:
+            tokenizer = _train_tokenizer(source, cfg)
+        spec = tokenizer.to_json()
+        if spec is not None:
+            (staging / "tokenizer.json").write_text(spec)
+        started = time.perf_counter()
+        stats = pack(source, tokenizer, cfg.val_fraction, staging, cfg.num_proc)
+        seconds = time.perf_counter() - started
+        total = stats.tokens["train"] + stats.tokens["val"]
+        meta = {
+            "format": FORMAT_VERSION,
+            "source": source.describe,
+            "tokenizer": cfg.tokenizer,
+            "tokenizer_name": tokenizer.name,
+            "dtype": token_dtype(tokenizer.vocab_size).name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "tokens": stats.tokens,
+            "documents": stats.documents,
+            "val_fraction": cfg.val_fraction,
+            "seconds": round(seconds, 3),
+        }
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         with contextlib.suppress(OSError):  # another builder finished first; its entry is identical
-            os.rename(staging, final)
+            os.rename(staging, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return TokenFiles(final, json.loads((final / "meta.json").read_text()))
+    log.info(
+        "ramp | data: %d documents, %d tokens (%d val) in %.1f s: %.0f tokens/s",
+        stats.documents["train"] + stats.documents["val"],
+        total,
+        stats.tokens["val"],
+        seconds,
+        total / max(seconds, 1e-9),
+    )
+    files = lookup(entry)
+    assert files is not None, f"the token cache entry {entry} vanished while it was built"
+    return files

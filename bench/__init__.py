@@ -1,0 +1,1 @@
+"""Benchmarks: ratios against a bare baseline, measured in one run."""

@@ -1,0 +1,82 @@
+"""Your own files end to end: two real ranks, a tokenizer trained on the corpus, the cache reused."""
+
+from __future__ import annotations
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from tests.helpers import read_metrics, run_ramp
+
+pytestmark = pytest.mark.slow
+
+
+def stats(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_text_corpus_with_a_trained_tokenizer_then_a_cached_second_run(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
+    for path in stdlib[:50]:
+        (corpus / f"{path.stem}.txt").write_bytes(path.read_bytes())
+    rows = [{"text": path.read_text(errors="replace"), "origin": path.name} for path in stdlib[50:]]
+    (corpus / "more.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    cache = tmp_path / "cache"
+    common = [
+        "data=text",
+        "data.files=[corpus/*.txt,corpus/*.jsonl]",
+        "data.tokenizer=train",
+        "data.vocab_size=512",
+        "data.val_fraction=0.1",
+        "train.max_steps=6",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "train.eval_steps=2",
+        "logger.wandb.mode=disabled",
+    ]
+    first = run_ramp([*common, "run.name=first"], cwd=tmp_path, cache_dir=cache)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "ramp | data: trained a byte-level BPE of 512 tokens" in first.stdout
+    assert "reusing cached tokens" not in first.stdout
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+
+    run_dir = tmp_path / "outputs" / "first"
+    train, evals = read_metrics(run_dir)
+    assert [r["step"] for r in train] == list(range(1, 7))
+    assert [r["tokens"] for r in train] == [4096 * k for k in range(1, 7)]
+    for record in train:
+        assert math.isfinite(record["loss"]) and record["loss"] < math.log(512) + 1
+        assert record["data_wait_s"] >= 0
+    waited = sum(r["data_wait_s"] for r in train)
+    stepped = sum(r["step_time"] for r in train)
+    assert waited < 0.01 * stepped, f"the step waited {waited:.4f} s for data in {stepped:.2f} s"
+    assert [e["step"] for e in evals] == [3, 6]
+    for record in evals:
+        assert record["val_ppl"] == pytest.approx(math.exp(record["val_loss"]))
+
+    # the run folder holds the tokenizer its checkpoints need: the very one the tokens were made with
+    saved = run_dir / "tokenizer.json"
+    assert saved.read_bytes() == (entry / "tokenizer.json").read_bytes()
+    tokenizer = Tokenizer.from_file(str(saved))
+    assert tokenizer.get_vocab_size() == 512
+    text = stdlib[0].read_text()
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+    before = stats(entry)
+    second = run_ramp([*common, "run.name=second"], cwd=tmp_path, cache_dir=cache)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"ramp | data: reusing cached tokens in {entry}" in second.stdout
+    assert "tokenizing" not in second.stdout and "trained a byte-level BPE" not in second.stdout
+    assert stats(entry) == before  # not rewritten: same files, same modification times
+    assert [p for p in cache.iterdir() if p.is_dir()] == [entry]
+    assert (tmp_path / "outputs" / "second" / "tokenizer.json").read_bytes() == saved.read_bytes()
+    # the same data and seed: the second run trains on exactly the first run's batches
+    assert [r["loss"] for r in read_metrics(tmp_path / "outputs" / "second")[0]] == pytest.approx(
+        [r["loss"] for r in train], rel=1e-5
+    )

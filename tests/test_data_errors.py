@@ -1,0 +1,201 @@
+"""Bad data input: one ConfigError naming the key and the fix, before any training starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tests.helpers import REPO, own_lines, run_ramp
+from trainer.config import Config, ConfigError, DataConfig, HFData, TextData, register_configs, to_config
+from trainer.data import build_data, prepare
+from trainer.distributed import DistInfo
+
+ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+
+
+def config(*overrides: str) -> Config:
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return to_config(compose("config", overrides=list(overrides)))
+
+
+def build(cfg: DataConfig) -> None:
+    _, build_entry, _ = prepare(cfg)
+    build_entry()
+
+
+def raises(cfg: DataConfig, *needles: str) -> str:
+    with pytest.raises(ConfigError) as excinfo:
+        build(cfg)
+    message = str(excinfo.value)
+    for needle in needles:
+        assert needle in message
+    return message
+
+
+def test_a_missing_file_or_a_glob_that_matches_nothing(tmp_path: Path) -> None:
+    raises(
+        TextData(files=str(tmp_path / "nope.txt"), cache_dir=str(tmp_path)),
+        f"data.files={tmp_path}/nope.txt",
+        "does not exist",
+    )
+    raises(
+        TextData(files=[str(tmp_path / "*.jsonl")], cache_dir=str(tmp_path)), "data.files=", "matches no file"
+    )
+    raises(TextData(cache_dir=str(tmp_path)), "data=text needs data.files")
+    (tmp_path / "notes.docx").write_text("x")
+    raises(TextData(files=str(tmp_path / "notes.docx"), cache_dir=str(tmp_path)), "data.files", "notes.docx")
+    raises(
+        HFData(path="json", files=str(tmp_path / "missing/*.jsonl"), cache_dir=str(tmp_path)),
+        "data.files=",
+        "matches no file",
+    )
+    raises(
+        HFData(path="./no/such/folder", cache_dir=str(tmp_path)),
+        "data.path=./no/such/folder",
+        "does not exist",
+    )
+    raises(HFData(cache_dir=str(tmp_path)), "data=hf needs data.path")
+
+
+def test_an_empty_corpus(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": None}) + "\n")
+    (tmp_path / "d.jsonl").write_text("")
+    files = [str(tmp_path / name) for name in ("a.txt", "b.txt", "c.jsonl", "d.jsonl")]
+    raises(TextData(files=files, cache_dir=str(tmp_path / "cache")), "data.files=[", "holds no text")
+    assert not any((tmp_path / "cache").iterdir()), "nothing is cached for a failed build"
+
+
+def test_a_text_field_that_does_not_exist(tmp_path: Path) -> None:
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(json.dumps({"body": "hello", "id": 1}) + "\n")
+    raises(TextData(files=str(jsonl), cache_dir=str(tmp_path)), "data.text_field=text", "body, id")
+    parquet = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"content": ["hello"]}), parquet)
+    raises(TextData(files=str(parquet), cache_dir=str(tmp_path)), "data.text_field=text", "content")
+    numbers = tmp_path / "b.jsonl"
+    numbers.write_text(json.dumps({"text": 5}) + "\n")
+    raises(TextData(files=str(numbers), cache_dir=str(tmp_path)), "data.text_field=text")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"content": ["hello"]}).save_to_disk(str(saved))
+    raises(HFData(path=str(saved), cache_dir=str(tmp_path)), "data.text_field=text", "content")
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["hello"]})}).save_to_disk(str(splits))
+    raises(
+        HFData(path=str(splits), split="test", cache_dir=str(tmp_path)), "data.split=test", "it has: train"
+    )
+
+
+def test_a_corpus_shorter_than_one_sample(tmp_path: Path) -> None:
+    for i in range(4):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} " * 5)  # 60 bytes each
+    files = f"data.files={tmp_path}/*.txt"
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    with pytest.raises(ConfigError) as excinfo:
+        build_data(config("data=text", files, cache, "train.seq_len=256"), ONE_PROCESS)
+    assert f"data.files={tmp_path}/*.txt holds" in str(excinfo.value)
+    assert "train.seq_len + 1 = 257" in str(excinfo.value)
+    with pytest.raises(ConfigError, match="fewer than one micro-batch for every rank"):
+        build_data(
+            config("data=text", files, cache, "train.seq_len=16", "train.micro_batch_size=64"), ONE_PROCESS
+        )
+
+
+def test_tokenizers_that_cannot_be_loaded(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("hello")
+    text = str(tmp_path / "a.txt")
+    raises(
+        TextData(files=text, tokenizer=str(tmp_path / "missing.json")), "data.tokenizer=", "does not exist"
+    )
+    (tmp_path / "broken.json").write_text('{"version": "1.0", "model": 5}')
+    raises(
+        TextData(files=text, tokenizer=str(tmp_path / "broken.json")),
+        "data.tokenizer=",
+        "not a valid tokenizer.json",
+    )
+    empty_folder = tmp_path / "folder"
+    empty_folder.mkdir()
+    raises(
+        TextData(files=text, tokenizer=str(empty_folder)),
+        f"data.tokenizer={empty_folder}",
+        "cannot be loaded",
+    )
+
+
+def test_a_tokenizer_without_an_end_of_document_token(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"hello": 0, "[UNK]": 1, "[END]": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "t.json"))
+    (tmp_path / "a.txt").write_text("hello hello")
+    cfg = TextData(files=str(tmp_path / "a.txt"), tokenizer=str(tmp_path / "t.json"), cache_dir=str(tmp_path))
+    raises(cfg, "has no end-of-document token", "data.eos_token")
+    cfg.eos_token = "[STOP]"
+    raises(cfg, "data.eos_token=[STOP] is not in the vocabulary")
+    cfg.eos_token = "[END]"
+    _, build_entry, _ = prepare(cfg)
+    assert build_entry().meta["eos_id"] == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["data.tokenizer=train", "data.vocab_size=100"], "data.vocab_size=100"),
+        (["data.num_proc=0"], "data.num_proc=0"),
+        (["data=text", "data.files={a: 1}"], "data.files="),
+        (["data.val_fraction=1.0"], "data.val_fraction"),
+    ],
+)
+def test_bad_values_fail_at_start_up(overrides: list[str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
+        config(*overrides)
+
+
+def test_missing_file_end_to_end_exits_2_with_one_line(tmp_path: Path, cache_dir: Path) -> None:
+    result = run_ramp(
+        ["data=text", "data.files=corpus/*.txt"], cwd=tmp_path, cache_dir=cache_dir, nproc=0, timeout=120
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "ramp: error: data.files=corpus/*.txt matches no file; check the pattern and the working folder"
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_offline_tokenizer_and_dataset_fail_under_torchrun_once(tmp_path: Path, cache_dir: Path) -> None:
+    """The hub dataset fails inside the node's builder; the waiting rank must not hang."""
+    (tmp_path / "a.txt").write_text("hello")
+    tokenizer = run_ramp(
+        ["data=text", "data.files=a.txt", "data.tokenizer=ramp-tests/no-such-tokenizer"],
+        cwd=tmp_path,
+        cache_dir=cache_dir,
+        timeout=120,
+    )
+    dataset = run_ramp(
+        ["data=hf", "data.path=ramp-tests/no-such-dataset"], cwd=tmp_path, cache_dir=cache_dir, timeout=120
+    )
+    for result, key in (
+        (tokenizer, "data.tokenizer=ramp-tests/no-such-tokenizer"),
+        (dataset, "data.path=ramp-tests/no-such-dataset"),
+    ):
+        assert result.returncode != 0
+        errors = [line for line in own_lines(result.stderr) if line.startswith("ramp: error:")]
+        assert len(errors) == 1 and key in errors[0], result.stderr
+        assert "offline" in errors[0].lower() or "HF_HUB_OFFLINE" in errors[0]
+        assert f'File "{REPO / "trainer"}' not in result.stderr, (
+            "no traceback from ramp (torchrun prints its own)"
+        )
+    assert not (tmp_path / "outputs").exists()

@@ -1,0 +1,189 @@
+"""Tokenize documents batch by batch and pack them into two flat token files, train and val.
+
+Each document's tokens are followed by the end-of-document token, so a training window that spans
+two documents sees where one ends (nanoGPT's and Megatron's packing). Which file a document lands
+in depends only on a hash of its text: not on where the corpus lives or in which order it is listed,
+and copies of one document never straddle the split. Reading runs one batch ahead in a thread, and tokenizing runs
+in the tokenizer's own threads (tokenizers' Rust code uses every core) or in ``num_proc`` worker
+processes, so the packer keeps pace with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import queue
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from trainer.config import ConfigError
+from trainer.data.sources import Batch, Source
+from trainer.data.tokenizer import ByteTokenizer, Text, Tokenizer, token_dtype
+
+READ_AHEAD = 4
+"""Batches read ahead of the tokenizer: enough to hide a slow file, bounded to cap memory."""
+
+
+def is_validation(text: Text, val_fraction: float) -> bool:
+    """Is this document held out? A hash of its text decides, the same on every node and every run."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogateescape")
+    return zlib.crc32(raw) % 1_000_000 < val_fraction * 1_000_000
+
+
+def read_ahead(batches: Iterator[Any], depth: int = READ_AHEAD) -> Iterator[Any]:
+    """The same batches, read by a background thread while the caller tokenizes the last ones."""
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        slots.put(("batch", batch), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(("end", None))
+        except BaseException as err:  # handed to the consumer, who raises it
+            slots.put(("error", err))
+
+    reader = threading.Thread(target=produce, name="ramp-data-read", daemon=True)
+    reader.start()
+    try:
+        while True:
+            kind, item = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+_worker_tokenizer: Tokenizer | None = None
+"""A tokenizing worker's own copy of the tokenizer, set once by the pool's initializer."""
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    # num_proc processes each running a thread per core would oversubscribe the machine
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(texts: list[Text]) -> list[np.ndarray]:
+    assert _worker_tokenizer is not None
+    return _worker_tokenizer.encode_batch(texts)
+
+
+def encoded(
+    batches: Iterator[Batch], tokenizer: Tokenizer, val_fraction: float, num_proc: int
+) -> Iterator[tuple[list[bool], list[np.ndarray]]]:
+    """(held out?, token array) of every document, batch by batch, in the source's order."""
+    # the reading thread also hashes, so neither step waits for the tokenizer
+    marked = ((texts, [is_validation(t, val_fraction) for t in texts]) for texts in batches)
+    if num_proc <= 1 or isinstance(tokenizer, ByteTokenizer):  # bytes run at memory speed: no workers
+        for texts, held_out in read_ahead(marked):
+            yield held_out, tokenizer.encode_batch(texts)
+        return
+    # spawn, not fork: the caller may hold process-group and tokenizer threads
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        pending: collections.deque[tuple[list[bool], Any]] = collections.deque()
+        for texts, held_out in read_ahead(marked):
+            pending.append((held_out, pool.apply_async(_encode_in_worker, (texts,))))
+            if len(pending) >= 2 * num_proc:  # bounded: the corpus never sits in memory at once
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+
+class SplitWriter:
+    """Appends documents, each followed by the end-of-document token, to one flat token file."""
+
+    def __init__(self, path: Path, dtype: np.dtype, eos_id: int) -> None:
+        self.path = path
+        self.handle = open(path, "wb")  # noqa: SIM115 (closed by __exit__)
+        self.dtype = dtype
+        self.eos = np.array([eos_id], dtype=dtype)
+        self.tokens = 0
+        self.documents = 0
+
+    def add(self, documents: list[np.ndarray]) -> None:
+        if not documents:
+            return
+        pieces = [piece for ids in documents for piece in (ids, self.eos)]
+        packed = np.concatenate(pieces).astype(self.dtype, copy=False)
+        self.handle.write(packed.tobytes())
+        self.tokens += len(packed)
+        self.documents += len(documents)
+
+    def drop_last(self, document: np.ndarray) -> None:
+        """Remove the last document added (it must be ``document``)."""
+        self.tokens -= len(document) + 1
+        self.documents -= 1
+        self.handle.truncate(self.tokens * self.dtype.itemsize)
+        self.handle.seek(self.tokens * self.dtype.itemsize)
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+
+
+@dataclass
+class PackStats:
+    tokens: dict[str, int]
+    documents: dict[str, int]
+
+
+def pack(source: Source, tokenizer: Tokenizer, val_fraction: float, folder: Path, num_proc: int) -> PackStats:
+    """Write ``folder/train.bin`` and ``folder/val.bin``; empty documents are skipped.
+
+    When the hash holds out no document (a tiny corpus), the last training document moves to
+    validation, so any corpus of two documents or more has a validation slice.
+    """
+    dtype = token_dtype(tokenizer.vocab_size)
+    last_train: np.ndarray | None = None
+    with (
+        SplitWriter(folder / "train.bin", dtype, tokenizer.eos_id) as train,
+        SplitWriter(folder / "val.bin", dtype, tokenizer.eos_id) as val,
+    ):
+        for held_out, arrays in encoded(source.batches(), tokenizer, val_fraction, num_proc):
+            to_train: list[np.ndarray] = []
+            to_val: list[np.ndarray] = []
+            for is_val, tokens in zip(held_out, arrays, strict=True):
+                if len(tokens):
+                    (to_val if is_val else to_train).append(tokens)
+            train.add(to_train)
+            val.add(to_val)
+            if to_train:
+                last_train = to_train[-1]
+        if val.documents == 0 and train.documents >= 2 and last_train is not None:
+            train.drop_last(last_train)
+            val.add([last_train])
+    if train.documents + val.documents == 0:
+        raise ConfigError(f"{source.describe} holds no text (no non-empty document); point it at your corpus")
+    return PackStats(
+        tokens={"train": train.tokens, "val": val.tokens},
+        documents={"train": train.documents, "val": val.documents},
+    )

@@ -10,7 +10,7 @@ NPROC ?= 2
 TRAIN_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv train test lint typecheck clean
+.PHONY: venv train test lint typecheck bench clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	# Pin whatever torch is now installed, so no later resolution can swap in another build.
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[data,deepspeed,plot,dev]"
+	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[data,deepspeed,plot,bench,dev]"
 	touch $(STAMP)
 
 train: venv
@@ -36,6 +36,11 @@ typecheck: venv
 
 test: lint typecheck
 	$(VENV)/bin/pytest
+
+# Throughput against a bare PyTorch loop and the HF Trainer; prints a table (about 15 minutes).
+bench: venv
+	$(PY) -m bench.train
+	$(PY) -m bench.checkpoint
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,37 @@
+"""What every training contender shares: the model shape, the batch, the optimizer, the schedule.
+
+The contenders are separate scripts so each is measured from its own process start, and each
+prints the same two event lines that the driver times::
+
+    BENCH step 1      (the first optimizer step is done)
+    BENCH step K      (the last one is done)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+MODEL = {"model_type": "gpt2", "n_embd": 192, "n_layer": 4, "n_head": 4, "n_positions": 512}
+VOCAB = 320  # the byte tokenizer's 257 tokens, padded to a multiple of 64 as ramp does
+EOS = 256
+LR = 6e-4
+WARMUP = 5
+BETAS = (0.9, 0.95)
+WEIGHT_DECAY = 0.1
+MAX_GRAD_NORM = 1.0
+
+
+def args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", required=True, help="a flat uint16 token file (ramp's train.bin)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=1337)
+    return parser.parse_args(argv)
+
+
+def event(step: int) -> None:
+    print(f"BENCH step {step}", flush=True)
+    sys.stdout.flush()

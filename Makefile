@@ -41,6 +41,7 @@ test: lint typecheck
 bench: venv
 	$(PY) -m bench.train
 	$(PY) -m bench.checkpoint
+	$(PY) -m bench.data
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -109,7 +109,13 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tupl
             cmd = [sys.executable, "-m", "launch.run", "--nnodes=2", "--nproc-per-node=1"]
             cmd += [f"--node-rank={node}", "--head=127.0.0.1", f"--port={port}", "--run-id=two-nodes"]
             nodes.append(start([*cmd, "--", *BASE], cwd=cwd, env=env, log=cwd / f"node{node}.log"))
-        codes = [node.wait(timeout=240) for node in nodes]
+        # Until both end, or one fails (the other would wait for it at the rendezvous).
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and any(node.poll() is None for node in nodes):
+            if any(node.poll() not in (None, 0) for node in nodes):
+                break
+            time.sleep(0.2)
+        codes = [node.poll() for node in nodes]
     finally:
         for node in nodes:
             if node.poll() is None:
@@ -248,7 +254,8 @@ def test_slurm_expands_node_lists_as_the_launcher_does(slurm: dict[str, str]) ->
     assert expand_nodelist(nodelist) == shown.stdout.split()
 
 
-def test_an_sbatch_job_trains_2_ranks_to_completion(
+@pytest.mark.timeout(420)
+def test_an_sbatch_job_trains_2_ranks_to_completion_and_a_requeue_after_that_just_exits(
     tmp_path: Path, cache_dir: Path, slurm: dict[str, str], two_nodes: tuple[Path, list[str]]
 ) -> None:
     env = launch_env(cache_dir, **slurm)
@@ -262,6 +269,15 @@ def test_an_sbatch_job_trains_2_ranks_to_completion(
     assert "SIGUSR1" not in log and "requeue" not in log
     assert series(tmp_path / "outputs" / "run") == series(two_nodes[0] / "outputs" / "run")
     assert list((tmp_path / "logs" / job / "node0").glob("*/attempt_0/1/stdout.log"))
+    # Requeued by accident after it finished, the run finds its last checkpoint and just exits.
+    subprocess.run(["scontrol", "requeue", job], env=env, timeout=60, check=True)
+    info = wait_for_job(job, env, timeout=240)
+    again = (tmp_path / "logs" / f"ramp-test-{job}.out").read_text()[len(log) :]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", again
+    assert f"job {job}, restart 1:" in again
+    assert f"outputs/run/checkpoints/step_{MAX_STEPS} already reached train.max_steps={MAX_STEPS}" in again
+    assert "step 1/" not in again and "requeueing" not in again
+    assert series(tmp_path / "outputs" / "run") == series(two_nodes[0] / "outputs" / "run")
 
 
 @pytest.mark.timeout(420)

@@ -73,9 +73,15 @@ start_munge() {
 }
 
 write_config() {
-    local node
+    local node proctrack=proctrack/cgroup
     # The node exactly as slurmd sees it; giving only CPUs= makes it complain about core boundaries.
     node=$(slurmd -C | head -n 1)
+    # cgroup tracking signals and kills every process of a step; it needs the cgroup v1 freezer.
+    # Without one, linuxproc follows the process tree instead (a process that leaves it is missed).
+    if [[ ! -d /sys/fs/cgroup/freezer ]]; then
+        proctrack=proctrack/linuxproc
+        say "no cgroup v1 freezer: tracking job processes with $proctrack"
+    fi
     cat >"$CONF" <<CONF
 # Written by launch/slurm/local_cluster_up.sh: a one-node cluster on localhost.
 ClusterName=ramp-local
@@ -92,8 +98,7 @@ SlurmctldPidFile=$DIR/run/slurmctld.pid
 SlurmdPidFile=$DIR/run/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-# cgroup tracking signals and kills every process of a step; linuxproc can orphan torchrun workers.
-ProctrackType=proctrack/cgroup
+ProctrackType=$proctrack
 TaskPlugin=task/none
 MpiDefault=none
 SelectType=select/cons_tres
@@ -103,6 +108,9 @@ DefMemPerCPU=1000
 KillWait=5
 ReturnToService=2
 SchedulerType=sched/backfill
+# Pending jobs are looked at every 2 s (default 60 s, backfill 30 s): a requeued job starts as soon as
+# its BeginTime passes rather than at the next pass.
+SchedulerParameters=sched_interval=2,bf_interval=2
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none

@@ -199,3 +199,16 @@ def test_entrypoint_runs_another_command_as_it_is(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path)
+
+
+def test_compose_file_builds_this_image_and_mounts_its_workdir() -> None:
+    import yaml
+
+    service = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]["ramp"]
+    build = service["build"]
+    assert (REPO / "docker" / build["context"] / build["dockerfile"]).resolve() == REPO / "Dockerfile"
+    workdir = re.search(r"RAMP_WORKDIR=(\S+)", (REPO / "Dockerfile").read_text())
+    assert workdir is not None
+    assert [volume.split(":")[1] for volume in service["volumes"]] == [workdir.group(1)]
+    assert service["init"] is True  # a PID 1 that passes docker stop's SIGTERM on and reaps processes
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]

@@ -131,6 +131,7 @@ def launch_ramp(
     log: Path,
     nproc: int = 2,
     torchrun_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ramp in the background (its own session, so a test can signal or kill the whole job)."""
     if nproc:
@@ -142,7 +143,7 @@ def launch_ramp(
         return subprocess.Popen(
             [*cmd, "-m", "trainer.main", *overrides],
             cwd=cwd,
-            env=ramp_env(cache_dir),
+            env=env or ramp_env(cache_dir),
             stdin=subprocess.DEVNULL,
             stdout=handle,
             stderr=subprocess.STDOUT,

@@ -320,6 +320,11 @@ class LoggerConfig:
     progress: str = "auto"
     """auto: a progress bar in an interactive terminal, else one line per log step; bar; lines; off."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+    """Also write tensorboard event files under run.dir/tensorboard (metrics.jsonl is always written)."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device, for MFU; default: the bf16 dense peak of a known GPU (A100, H100,
+    H200), and no MFU where none is known (a CPU)."""
 
 
 @dataclass
@@ -439,6 +444,10 @@ def validate(cfg: Config) -> None:
     _require(
         cfg.logger.progress in ("auto", "bar", "lines", "off"),
         f"logger.progress={cfg.logger.progress} must be auto, bar, lines or off",
+    )
+    _require(
+        cfg.logger.peak_flops is None or cfg.logger.peak_flops > 0,
+        f"logger.peak_flops={cfg.logger.peak_flops} must be > 0 (FLOP/s of one device, e.g. 989e12), or null",
     )
     _require(
         cfg.logger.wandb.mode in ("offline", "online", "disabled"),

@@ -23,6 +23,7 @@ from trainer.config import Config, OnNan
 from trainer.data import Data
 from trainer.distributed import DistInfo
 from trainer.observe import Recorder
+from trainer.observe.flops import flops_per_token, memory_gb, mfu, peak_flops
 from trainer.observe.recorder import perplexity
 from trainer.preemption import StopSignal
 from trainer.schedules import Schedule
@@ -81,16 +82,21 @@ class IntervalMeter:
         self.tokens, self.steps = int(state["tokens"]), int(state["steps"])
 
     def reduce(self, info: DistInfo) -> dict[str, float]:
+        # Each rank writes its memory into its own slot, so the same sum yields every rank's value
+        # and the max needs no second collective.
+        memory = [0.0] * info.world_size
+        memory[info.rank] = memory_gb(self.device)
+        extra = torch.tensor([float(self.tokens), self.data_wait, *memory], dtype=torch.float64)
+        packed = torch.cat([self.loss_sum.view(1), extra.to(self.device)])
         # note: this is the interval's only host-device sync point
-        extra = torch.tensor([float(self.tokens), self.data_wait], device=self.device, dtype=torch.float64)
-        packed = distributed.all_reduce_sum(torch.cat([self.loss_sum.view(1), extra]), info)
-        loss_sum, tokens, data_wait = packed.tolist()
+        loss_sum, tokens, data_wait, *memory = distributed.all_reduce_sum(packed, info).tolist()
         elapsed = time.perf_counter() - self.started
         return {
             "loss": loss_sum / tokens,
             "tokens_per_s": tokens / elapsed,
             "step_time": elapsed / self.steps,
             "data_wait_s": data_wait / info.world_size / self.steps,
+            "memory_gb": max(memory),
         }
 
 
@@ -106,9 +112,14 @@ class Trainer:
     config: dict[str, Any]
     """The resolved config, saved with every checkpoint."""
     meter: IntervalMeter = field(init=False)
+    flops_per_token: float = field(init=False)
+    peak_flops: float | None = field(init=False)
+    """Peak FLOP/s of one device; None leaves MFU out of the records (a CPU without logger.peak_flops)."""
 
     def __post_init__(self) -> None:
         self.meter = IntervalMeter(self.info.device)
+        self.flops_per_token = flops_per_token(self.backend.module, self.cfg.train.seq_len)
+        self.peak_flops = peak_flops(self.info.device, self.cfg.logger.peak_flops)
 
     def restore(self, resumed: checkpoint.Resumed) -> TrainState:
         """Continue where a checkpoint left off: data position, open log interval, counters."""
@@ -219,6 +230,10 @@ class Trainer:
                 )
                 record.update({f"lr/{name}": group_lr for name, group_lr in self.backend.lrs().items()})
                 record["skipped_steps"] = state.skipped_steps
+                if self.peak_flops:
+                    record["mfu"] = mfu(
+                        self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.info.world_size
+                    )
                 self.recorder.log(record)
                 meter.reset()
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):

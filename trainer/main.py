@@ -19,7 +19,7 @@ from trainer.config import ConfigError, register_configs, to_config
 from trainer.data import build_data
 from trainer.loop import Outcome, Trainer, TrainingHalted, TrainState
 from trainer.models import build_model, count_parameters
-from trainer.observe import Recorder, redact, setup_logging
+from trainer.observe import Recorder, redact, scrub, setup_logging
 from trainer.preemption import StopSignal
 from trainer.schedules import build_schedule
 
@@ -80,7 +80,7 @@ def train(dcfg: DictConfig) -> Outcome:
 def _exit(code: int, message: str | None = None) -> None:
     """Leave at once: the interpreter's teardown races gloo's threads in torch 2.13."""
     if message and distributed.env_rank() == 0:
-        print(f"ramp: error: {message}", file=sys.stderr)
+        print(f"ramp: error: {scrub(message)}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

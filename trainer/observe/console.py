@@ -9,6 +9,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from trainer.observe.redact import RedactFilter
+
 log = logging.getLogger("ramp")
 
 
@@ -36,11 +38,13 @@ def setup_logging(rank: int) -> None:
     warnings.setLevel(logging.WARNING)
     prefix = "" if rank == 0 else f"[rank {rank}] "
     warnings.setFormatter(logging.Formatter(prefix + "%(levelname)s %(name)s: %(message)s"))
+    warnings.addFilter(RedactFilter())
     root.addHandler(warnings)
     if rank == 0:
         info = _TqdmHandler(sys.stdout)
         info.setFormatter(logging.Formatter("%(message)s"))
         info.addFilter(lambda r: r.levelno < logging.WARNING)
+        info.addFilter(RedactFilter())
         root.addHandler(info)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logging.captureWarnings(True)
@@ -60,6 +64,12 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+BAR_FORMAT = (
+    "{percentage:3.0f}%|{bar}| step {n_fmt}/{total_fmt} [{elapsed}, eta {remaining}, {rate_fmt}{postfix}]"
+)
+"""tqdm's own layout with the words spelled out: the step, the elapsed time, the ETA."""
+
+
 class Progress:
     """A bar in an interactive terminal; one compact line per log step when output goes to a file."""
 
@@ -71,7 +81,15 @@ class Progress:
         self.started = time.perf_counter()
         self.initial = initial
         self.bar = (
-            tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, leave=True)
+            tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                leave=True,
+                bar_format=BAR_FORMAT,
+            )
             if mode == "bar"
             else None
         )
@@ -88,19 +106,22 @@ class Progress:
 
     def show(self, step: int, metrics: dict[str, Any]) -> None:
         if self.bar is not None:
+            mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
             self.bar.set_postfix_str(
-                f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} tok/s {_fmt_rate(metrics['tokens_per_s'])}",
+                f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} tok/s {_fmt_rate(metrics['tokens_per_s'])}{mfu}",
                 refresh=True,
             )
         elif self.mode == "lines":
             log.info(
-                "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tok/s %s | eta %s",
+                "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tok/s %s%s | mem %.2fG | eta %s",
                 step,
                 self.total,
                 metrics["loss"],
                 metrics["lr"],
                 metrics["grad_norm"],
                 _fmt_rate(metrics["tokens_per_s"]),
+                f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "",
+                metrics["memory_gb"],
                 _fmt_eta(self.eta(step)),
             )
 

@@ -1,4 +1,4 @@
-"""Sinks for metrics: metrics.jsonl, wandb and the console. Only global rank 0 holds any."""
+"""Sinks for metrics: metrics.jsonl, wandb, tensorboard and the console. Only global rank 0 holds any."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,38 +46,6 @@ def keep_through(path: Path, step: int) -> None:
         os.replace(staging, path)
 
 
-class WandbSink:
-    """One wandb run per job, written under run.dir; every series is plotted against the global step."""
-
-    def __init__(self, run_dir: Path, settings: Any, run_name: str, config: dict[str, Any]) -> None:
-        import wandb
-
-        id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-        id_file.write_text(run_id)
-        self.run = wandb.init(
-            project=settings.project,
-            entity=settings.entity,
-            name=settings.name or run_name,
-            group=settings.group,
-            tags=list(settings.tags),
-            mode=settings.mode,
-            dir=str(run_dir),
-            id=run_id,
-            resume="allow",
-            config=config,
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
-        )
-        self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.run.log(record, step=record["step"])
-
-    def close(self) -> None:
-        self.run.finish()
-
-
 class Recorder:
     """Everything that leaves the trainer as metrics goes through here."""
 
@@ -95,9 +62,17 @@ class Recorder:
         self.progress: Progress | None = None
         if not is_main:
             return
+        # metrics.jsonl first: it drops the steps after the checkpoint, and wandb re-sends from it.
         self.sinks.append(JsonlSink(run_dir / "metrics.jsonl", start_step))
         if logger_cfg.wandb.mode != "disabled":
-            self.sinks.append(WandbSink(run_dir, logger_cfg.wandb, config["run"]["name"], config))
+            from trainer.observe.wandb_sink import WandbSink
+
+            run_name = config["run"]["name"]
+            self.sinks.append(WandbSink(run_dir, logger_cfg.wandb, run_name, config, start_step))
+        if logger_cfg.tensorboard:
+            from trainer.observe.tensorboard_sink import TensorboardSink
+
+            self.sinks.append(TensorboardSink(run_dir, config, start_step))
         if logger_cfg.progress != "off":
             self.progress = Progress(logger_cfg.progress, max_steps, start_step)
 

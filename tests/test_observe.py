@@ -1,0 +1,202 @@
+"""Observability parts on their own: secret redaction, FLOPs per token and MFU, the schedule plot."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+
+from tests.helpers import REPO
+from trainer.observe import flops
+from trainer.observe.redact import MASK, RedactFilter, redact, scrub, scrubbed_argv
+from trainer.schedule_plot import compose_config, key_points, main, schedule_of
+
+# --- secrets -------------------------------------------------------------------------------------
+
+
+def test_redact_masks_secret_keys_at_any_depth_and_scrubs_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "wk-0123456789abcdef")
+    monkeypatch.setenv("HOME_DIR_NAME", "not-a-secret-name")
+    config = {
+        "model": {"extra": {"hub_token": "hf_config_value_123", "use_cache": False}},
+        "db": {"password": "short", "Auth": {"user": "u"}},
+        "run": {"name": "n", "note": "key wk-0123456789abcdef inside", "tags": ["wk-0123456789abcdef"]},
+        "api_key": None,
+        "other": "not-a-secret-name",
+    }
+    clean = redact(config)
+    assert clean["model"]["extra"] == {"hub_token": MASK, "use_cache": False}
+    assert clean["db"] == {"password": MASK, "Auth": MASK}
+    assert clean["run"] == {"name": "n", "note": f"key {MASK} inside", "tags": [MASK]}
+    assert clean["api_key"] is None  # nothing to hide
+    assert clean["other"] == "not-a-secret-name"  # only secret-named variables are secrets
+    assert config["model"]["extra"]["hub_token"] == "hf_config_value_123"  # a copy, the input untouched
+    # A value seen under a secret key is scrubbed from free text from then on.
+    assert scrub("pushing with hf_config_value_123 now") == f"pushing with {MASK} now"
+
+
+def test_console_filter_and_argv_scrubbing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_env_secret_98765")
+    record = logging.LogRecord(
+        "ramp", logging.WARNING, __file__, 1, "token is %s", ("hf_env_secret_98765",), None
+    )
+    assert RedactFilter().filter(record)
+    assert record.getMessage() == f"token is {MASK}"
+    monkeypatch.setattr(sys, "argv", ["trainer.main", "+model.extra.hub_token=hf_env_secret_98765", "a=1"])
+    original = sys.argv
+    with scrubbed_argv():
+        assert sys.argv == ["trainer.main", f"+model.extra.hub_token={MASK}", "a=1"]
+    assert sys.argv is original
+
+
+# --- FLOPs and MFU -------------------------------------------------------------------------------
+
+
+def meta_model(arch: str, **kwargs: object) -> torch.nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kwargs))
+
+
+def test_gpt2_124m_flops_follow_nanogpt_and_palm() -> None:
+    model = meta_model("gpt2", vocab_size=50257, n_positions=1024)
+    total = sum(p.numel() for p in model.parameters())
+    assert total == 124_439_808  # GPT-2 small, tied head
+    # nanoGPT's non-embedding count: everything but the position table (the tied table is the head).
+    assert flops.matmul_parameters(model) == 124_439_808 - 1024 * 768
+    # 6N + 12 L H Q T with L=12, H=12, Q=64, T=1024
+    assert flops.flops_per_token(model, 1024) == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024 == 855_166_464
+
+
+def test_untied_llama_counts_the_head_but_not_the_lookup_table() -> None:
+    model = meta_model(
+        "llama",
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    total = sum(p.numel() for p in model.parameters())
+    assert flops.matmul_parameters(model) == total - 1000 * 64
+    # Per layer: q 64x64, k and v 64x32 (2 kv heads of 16), o 64x64, MLP 3 x 64x128, two norms of 64.
+    layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64
+    assert flops.matmul_parameters(model) == 2 * layer + 64 + 1000 * 64  # + final norm + head
+    assert flops.flops_per_token(model, 256) == 6 * (2 * layer + 64 + 64_000) + 12 * 2 * 4 * 16 * 256
+
+
+def test_peak_flops_table_and_override() -> None:
+    assert flops.peak_for_device_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert flops.peak_for_device_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert flops.peak_for_device_name("NVIDIA H100 PCIe") == 756e12
+    assert flops.peak_for_device_name("NVIDIA H200") == 989e12
+    assert flops.peak_for_device_name("Tesla V100-SXM2-16GB") is None
+    assert flops.peak_flops(torch.device("cpu"), None) is None  # no MFU on a CPU unless told its peak
+    assert flops.peak_flops(torch.device("cpu"), 2.5e12) == 2.5e12
+    assert flops.mfu(1e9, 4e3, 1e13, 2) == pytest.approx(0.2)  # 4e12 FLOP/s of 2e13
+
+
+def test_cpu_memory_is_the_process_rss() -> None:
+    import psutil
+
+    before = psutil.Process().memory_info().rss / 2**30
+    measured = flops.memory_gb(torch.device("cpu"))
+    assert measured == pytest.approx(before, rel=0.05)
+
+
+# --- the schedule plot ---------------------------------------------------------------------------
+
+
+def transformers_curve(name: str, total: int, warmup: int, **kwargs: object) -> list[float]:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=6e-4)
+    scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs
+    )
+    lrs = []
+    for _ in range(total):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    return lrs
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name", "warmup", "kwargs"),
+    [
+        (["schedule=cosine", "schedule.warmup_steps=30"], "cosine", 30, {}),
+        (
+            ["schedule=cosine_with_min_lr", "schedule.warmup_ratio=0.1", "schedule.min_lr_rate=0.1"],
+            "cosine_with_min_lr",
+            40,
+            {"min_lr_rate": 0.1},
+        ),
+    ],
+)
+def test_schedule_plot_draws_the_transformers_curve(
+    overrides: list[str], name: str, warmup: int, kwargs: dict[str, float], tmp_path: Path
+) -> None:
+    out = tmp_path / "lr.png"
+    figure = main([*overrides, "train.max_steps=400", "--out", str(out)])
+    (line,) = [line for line in figure.axes[0].lines if line.get_label() == "lr"]
+    assert list(line.get_xdata()) == list(range(1, 401))
+    expected = transformers_curve(name, 400, warmup, **kwargs)
+    assert list(line.get_ydata()) == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = key_points(schedule_of(compose_config([*overrides, "train.max_steps=400"])))
+    assert points.warmup_end == (warmup, pytest.approx(6e-4))
+    assert points.peak == (warmup, pytest.approx(6e-4))
+    assert points.end == (400, pytest.approx(expected[-1], abs=1e-18))
+
+
+def test_schedule_plot_cli_prints_key_values_without_building_a_model(tmp_path: Path) -> None:
+    """As a user runs it; afterwards not even torch has been imported, let alone a model or data."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['schedule_plot', 'schedule=warmup_stable_decay', 'train.max_steps=1000',"
+        " 'schedule.warmup_steps=100', 'schedule.decay_ratio=0.2', 'schedule.min_lr_ratio=0.1']\n"
+        "runpy.run_module('trainer.schedule_plot', run_name='__main__')\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trainer.models', 'trainer.data') if m in sys.modules]\n"
+        "print('imported:', heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "schedule warmup_stable_decay, 1000 steps, optim.lr=0.0006"
+    assert lines[1].split() == ["warmup", "end", "step", "100", "lr", "6.0000e-04"]
+    assert lines[2].split() == ["peak", "step", "100", "lr", "6.0000e-04"]
+    assert lines[3].split() == ["end", "step", "1000", "lr", "6.0000e-05"]  # min_lr_ratio 0.1
+    assert lines[4] == "wrote lr_warmup_stable_decay.png"
+    assert lines[5] == "imported: []"
+    assert (tmp_path / "lr_warmup_stable_decay.png").stat().st_size > 10_000
+
+
+def test_schedule_plot_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.schedule_plot", "schedule.warmup_steps=500", "train.max_steps=100"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "schedule_plot: error: schedule.warmup_steps=500 exceeds train.max_steps=100; "
+        "lower it or use schedule.warmup_ratio"
+    ]
+    assert not list(tmp_path.iterdir())

@@ -21,6 +21,7 @@ from trainer.config import (
     CosineSchedule,
     DataConfig,
     DDPBackend,
+    DeepSpeedBackend,
     LoggerConfig,
     ModelConfig,
     OptimConfig,
@@ -39,7 +40,7 @@ GROUP_CLASSES: dict[str, type] = {
     "optim": OptimConfig,
     "logger": LoggerConfig,
 }
-BACKEND_CLASSES: dict[str, type] = {"ddp": DDPBackend}
+BACKEND_CLASSES: dict[str, type] = {"ddp": DDPBackend, "deepspeed": DeepSpeedBackend}
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException)
 
 

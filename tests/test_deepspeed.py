@@ -285,28 +285,30 @@ def test_export_from_a_zero3_checkpoint(
 def test_a_checkpoint_resumes_only_where_its_shards_fit(
     parity: tuple[Path, dict[str, Any]], tmp_path: Path, cache_dir: Path
 ) -> None:
-    """Another backend, another stage or another rank count: one clear line, exit 2."""
+    """Another backend, another stage or another rank count: refused, naming what to set."""
+    from trainer.backends.deepspeed import check_resumable
+
     root, _ = parity
     ckpt = root / "deepspeed-zero3-accum1" / "checkpoints" / f"step_{MAX_STEPS}"
-    cases = [
-        (["backend=ddp"], "holds no model.pt (written by another backend)"),
-        (
-            ["backend=deepspeed", "backend.zero_stage=3"],
-            "holds DeepSpeed shards for 2 ranks; resume it on 2 ranks",
-        ),
-        (["backend=deepspeed", "backend.zero_stage=2"], "resume it with backend.zero_stage=3"),
-    ]
-    for index, (overrides, message) in enumerate(cases):
-        result = run_ramp(
-            [*overrides, f"run.resume={ckpt}", f"run.name=resume{index}", "logger.wandb.mode=disabled"],
-            cwd=tmp_path,
-            cache_dir=cache_dir,
-            nproc=0,
-            timeout=120,
-        )
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.strip().splitlines()[-1].startswith("ramp: error: run.resume: "), result.stderr
-        assert message in result.stderr and "Traceback" not in result.stderr
+    check_resumable(ckpt, zero_stage=3, world_size=2)
+    with pytest.raises(ConfigError, match=r"resume it with backend\.zero_stage=3"):
+        check_resumable(ckpt, zero_stage=2, world_size=2)
+    with pytest.raises(ConfigError, match="holds DeepSpeed shards for 2 ranks; resume it on 2 ranks"):
+        check_resumable(ckpt, zero_stage=3, world_size=4)
+    with pytest.raises(ConfigError, match="written by backend=ddp; resume it with backend=ddp"):
+        check_resumable(root / "ddp-accum1" / "checkpoints" / f"step_{MAX_STEPS}", zero_stage=3, world_size=2)
+    # As a user meets it: DDP asked to resume DeepSpeed shards stops with one line.
+    result = run_ramp(
+        ["backend=ddp", f"run.resume={ckpt}", "logger.wandb.mode=disabled"],
+        cwd=tmp_path,
+        cache_dir=cache_dir,
+        nproc=0,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ramp: error: run.resume: ") and "holds no model.pt" in last
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

@@ -307,30 +307,35 @@ class DeepSpeedBackend(Backend):
         checkpoint.fsync_tree(folder)  # DeepSpeed writes without flushing; the atomic rename needs it
 
     def load(self, folder: Path, info: DistInfo) -> None:
-        meta = json.loads((folder / checkpoint.META).read_text())
-        written_by = meta.get("backend", "ddp")
-        if written_by != "deepspeed" or not (folder / TAG).is_dir():
-            raise ConfigError(
-                f"run.resume: {folder} was written by backend={written_by}; resume it with backend={written_by}"
-            )
-        saved_stage = meta["config"].get("backend", {}).get("zero_stage")
-        if saved_stage != self.zero_stage:
-            raise ConfigError(
-                f"run.resume: {folder} was written with backend.zero_stage={saved_stage}; resume it with "
-                f"backend.zero_stage={saved_stage}"
-            )
-        sharded = any((folder / TAG).glob("*zero_pp_rank_*"))
-        if sharded and meta["world_size"] != info.world_size:
-            raise ConfigError(
-                f"run.resume: {folder} holds DeepSpeed shards for {meta['world_size']} ranks; resume it on "
-                f"{meta['world_size']} ranks (ramp does not re-split them across {info.world_size})"
-            )
+        check_resumable(folder, self.zero_stage, info.world_size)
         with weights_only_loads():
             loaded, _ = self.engine.load_checkpoint(
                 str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
             )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder / TAG}")
+
+
+def check_resumable(folder: Path, zero_stage: int, world_size: int) -> None:
+    """A DeepSpeed checkpoint resumes with the stage and (when sharded) the rank count that wrote it."""
+    meta = json.loads((folder / checkpoint.META).read_text())
+    written_by = meta.get("backend", "ddp")
+    if written_by != "deepspeed" or not (folder / TAG).is_dir():
+        raise ConfigError(
+            f"run.resume: {folder} was written by backend={written_by}; resume it with backend={written_by}"
+        )
+    saved_stage = meta["config"].get("backend", {}).get("zero_stage")
+    if saved_stage != zero_stage:
+        raise ConfigError(
+            f"run.resume: {folder} was written with backend.zero_stage={saved_stage}; resume it with "
+            f"backend.zero_stage={saved_stage}"
+        )
+    sharded = any((folder / TAG).glob("*zero_pp_rank_*"))
+    if sharded and meta["world_size"] != world_size:
+        raise ConfigError(
+            f"run.resume: {folder} holds DeepSpeed shards for {meta['world_size']} ranks; resume it on "
+            f"{meta['world_size']} ranks (ramp does not re-split them across {world_size})"
+        )
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import time
 from collections import Counter
@@ -296,7 +297,9 @@ def test_deepspeed_signal_to_one_rank_checkpoints_all_and_resumes_exactly(
     assert series(run_dir) == series(deepspeed_reference[0])
 
 
-def test_deepspeed_run_logs_and_checkpoints_like_ddp(deepspeed_reference: tuple[Path, str]) -> None:
+def test_deepspeed_run_logs_and_checkpoints_like_ddp(
+    deepspeed_reference: tuple[Path, str], tmp_path: Path
+) -> None:
     from trainer import checkpoint
 
     run_dir, output = deepspeed_reference
@@ -317,8 +320,10 @@ def test_deepspeed_run_logs_and_checkpoints_like_ddp(deepspeed_reference: tuple[
     shards = sorted(name for name in meta["files"] if name.startswith("deepspeed/"))
     assert "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
     assert all(meta["files"][name] == checkpoint.sha256(newest / name) for name in meta["files"])
-    shard = newest / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    damaged = tmp_path / newest.name  # a copy: the reference run stays whole for other tests
+    shutil.copytree(newest, damaged)
+    shard = damaged / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[:1000])
-    assert checkpoint.problem(newest) == (
+    assert checkpoint.problem(damaged) == (
         "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its checksum (truncated or corrupted)"
     )

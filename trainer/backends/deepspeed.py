@@ -245,7 +245,6 @@ class DeepSpeedBackend(Backend):
         distributed.ensure_process_group()
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed asserts it; torchrun sets it
         self.device = info.device
-        self.world_size = info.world_size
         self.zero_stage = cfg.backend.zero_stage
         optimizer = _build_optimizer(cfg, model, info.device)
         self.engine, *_ = deepspeed.initialize(
@@ -303,6 +302,7 @@ class DeepSpeedBackend(Backend):
 
     def save(self, folder: Path, info: DistInfo) -> None:
         # Collective: every rank writes its shard of the optimizer (and, with ZeRO 3, of the weights).
+        # ramp's own state is in meta.json and rank_<r>.pt, so the engine's client state stays empty.
         self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=False)
         checkpoint.fsync_tree(folder)  # DeepSpeed writes without flushing; the atomic rename needs it
 

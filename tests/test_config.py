@@ -22,6 +22,7 @@ from trainer.config import (
     CosineSchedule,
     DataConfig,
     DDPBackend,
+    DeepSpeedBackend,
     LoggerConfig,
     ModelConfig,
     OptimConfig,
@@ -40,7 +41,7 @@ GROUP_CLASSES: dict[str, type] = {
     "optim": OptimConfig,
     "logger": LoggerConfig,
 }
-BACKEND_CLASSES: dict[str, type] = {"ddp": DDPBackend}
+BACKEND_CLASSES: dict[str, type] = {"ddp": DDPBackend, "deepspeed": DeepSpeedBackend}
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException)
 
 

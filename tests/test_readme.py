@@ -18,6 +18,7 @@ GROUPS = [
     ("data", schema.DataConfig),
     ("optim", schema.OptimConfig),
     ("backend", schema.DDPBackend),
+    ("backend", schema.DeepSpeedBackend),
     ("logger", schema.LoggerConfig),
     ("logger.wandb", schema.WandbConfig),
     ("schedule", schema.ScheduleConfig),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,10 @@ from tests.helpers import (
     launch_ramp,
     own_lines,
     read_metrics,
+    read_wandb_history,
     run_ramp,
     train_steps,
+    wandb_runs,
     workers,
 )
 
@@ -237,3 +242,88 @@ def test_on_nan_halt_stops_before_the_update_with_a_clear_message(tmp_path: Path
     assert "train.on_nan=skip" in result.stderr and "Traceback" not in result.stderr
     halted_at = train_steps(tmp_path / "outputs" / "run") + 1
     assert not (tmp_path / "outputs" / "run" / "checkpoints" / f"step_{halted_at}").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# backend=deepspeed: the same guarantees through the engine's own save and load (ZeRO 3, accumulation)
+
+DEEPSPEED_STEPS = 16
+DEEPSPEED = [
+    "backend=deepspeed",
+    "backend.zero_stage=3",
+    f"train.max_steps={DEEPSPEED_STEPS}",
+    "train.log_every=1",
+    "train.ckpt_every=3",
+    "train.grad_accum_steps=2",
+    "train.eval_every=5",
+    "train.eval_steps=2",
+    "train.seq_len=64",
+    "train.micro_batch_size=2",
+    "run.name=run",
+]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, str]:
+    cwd = tmp_path_factory.mktemp("deepspeed-reference")
+    result = run_ramp([*DEEPSPEED, "logger.wandb.mode=offline"], cwd=cwd, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return cwd / "outputs" / "run", result.stdout + result.stderr
+
+
+def test_deepspeed_signal_to_one_rank_checkpoints_all_and_resumes_exactly(
+    tmp_path: Path, cache_dir: Path, deepspeed_reference: tuple[Path, str]
+) -> None:
+    overrides = [*DEEPSPEED, "logger.wandb.mode=disabled"]
+    run_dir, log = tmp_path / "outputs" / "run", tmp_path / "job.log"
+    proc = launch_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, log=log)
+    try:
+        wait_for_step(run_dir, 4, proc)  # past the checkpoint of step 3, before the one of step 6
+        workers(proc)[-1].send_signal(signal.SIGTERM)  # one rank only
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    stopped_at = train_steps(run_dir)
+    assert 4 <= stopped_at < DEEPSPEED_STEPS
+    assert any(
+        f"saved outputs/run/checkpoints/step_{stopped_at} at step" in line
+        for line in own_lines(log.read_text())
+    )
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at}"
+    result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resuming from outputs/run/checkpoints/step_{stopped_at}" in result.stdout
+    assert series(run_dir) == series(deepspeed_reference[0])
+
+
+def test_deepspeed_run_logs_and_checkpoints_like_ddp(
+    deepspeed_reference: tuple[Path, str], tmp_path: Path
+) -> None:
+    from trainer import checkpoint
+
+    run_dir, output = deepspeed_reference
+    lines = own_lines(output)
+    assert not [line for line, count in Counter(lines).items() if count > 1]
+    assert (
+        sum(line.startswith("step ") and f"/{DEEPSPEED_STEPS} |" in line for line in lines) == DEEPSPEED_STEPS
+    )
+    train, _ = read_metrics(run_dir)
+    runs = wandb_runs(run_dir)
+    assert len(runs) == 1, runs
+    logged = {row["step"]: row for row in read_wandb_history(runs[0]) if "lr" in row}
+    assert [logged[r["step"]]["loss"] for r in train] == [r["loss"] for r in train]
+    # The engine's files sit in a sub-folder; each is checksummed under its relative path.
+    newest = run_dir / "checkpoints" / f"step_{DEEPSPEED_STEPS}"
+    meta = json.loads((newest / "meta.json").read_text())
+    assert meta["backend"] == "deepspeed" and meta["world_size"] == 2
+    shards = sorted(name for name in meta["files"] if name.startswith("deepspeed/"))
+    assert "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
+    assert all(meta["files"][name] == checkpoint.sha256(newest / name) for name in meta["files"])
+    damaged = tmp_path / newest.name  # a copy: the reference run stays whole for other tests
+    shutil.copytree(newest, damaged)
+    shard = damaged / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert checkpoint.problem(damaged) == (
+        "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its checksum (truncated or corrupted)"
+    )

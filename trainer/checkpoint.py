@@ -3,11 +3,11 @@
 Layout under ``run.dir/checkpoints/``::
 
     step_<N>/          a complete checkpoint: only a finished save carries this name
-      model.pt         weights and optimizer state, written by the backend (see trainer.backends)
-      optimizer.pt
+      model.pt         weights and optimizer state, written by the backend (see trainer.backends);
+      optimizer.pt     backend=deepspeed writes its engine's files into deepspeed/ instead
       rank_<r>.pt      each rank's RNG states and its unreduced metrics of the open log interval
       meta.json        written last: global step, tokens, sampler position, world size, the resolved
-                       config, and the sha256 of every other file
+                       config, and the sha256 of every other file (sub-folders included)
     latest             the name of the newest complete checkpoint, replaced after the rename
     .tmp-step_<N>/     a save in progress: never read, removed by the next run
 
@@ -86,6 +86,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk, for writers that do not (DeepSpeed's engine)."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(folder)
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -137,7 +150,10 @@ def save(
     backend.save(staging, info)
     distributed.barrier(info)
     if info.is_main:
-        files = {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        # Backends may write sub-folders (DeepSpeed does): keys are paths relative to the checkpoint.
+        files = {
+            p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()
+        }
         meta = {**meta, "format": FORMAT_VERSION, "step": step, "world_size": info.world_size, "files": files}
         write_durably(staging / META, json.dumps(meta, indent=1).encode())
         _fsync_dir(staging)

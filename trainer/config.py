@@ -36,6 +36,11 @@ class ResumeMode(str, Enum):
     never = "never"
 
 
+class Offload(str, Enum):
+    none = "none"
+    cpu = "cpu"
+
+
 @dataclass
 class RunConfig:
     name: str = "${model.name}"
@@ -303,6 +308,22 @@ class DDPBackend(BackendConfig):
 
 
 @dataclass
+class DeepSpeedBackend(BackendConfig):
+    """DeepSpeed's engine. Batch sizes, accumulation, clipping and precision come from train.*."""
+
+    name: str = "deepspeed"
+    zero_stage: int = 2
+    """0: plain data parallel through the engine; 1: shard optimizer state; 2: also gradients; 3: also
+    parameters."""
+    offload_optimizer: Offload = Offload.none
+    """cpu: keep optimizer state and the update on the CPU (ZeRO 1-3; DeepSpeed's CPU Adam)."""
+    offload_params: Offload = Offload.none
+    """cpu: keep parameters on the CPU between uses (ZeRO 3 only)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further DeepSpeed config keys, merged in as they are; a key ramp sets from its own keys is refused."""
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"
     """offline (written under run.dir, upload later with `wandb sync`), online, or disabled."""
@@ -348,6 +369,7 @@ def register_configs() -> None:
         store.store(group="data", name=f"{source}_schema", node=data_schema)
     store.store(group="optim", name="optim_schema", node=OptimConfig)
     store.store(group="backend", name="ddp_schema", node=DDPBackend)
+    store.store(group="backend", name="deepspeed_schema", node=DeepSpeedBackend)
     store.store(group="logger", name="logger_schema", node=LoggerConfig)
     for name, schema in SCHEDULE_SCHEMAS.items():
         store.store(group="schedule", name=f"{name}_schema", node=schema)
@@ -459,6 +481,10 @@ def validate(cfg: Config) -> None:
         "point it at a checkpoints/step_<N> folder",
     )
     build_schedule(cfg.schedule, max_steps=t.max_steps, peak_lr=o.lr)
+    if isinstance(cfg.backend, DeepSpeedBackend):
+        from trainer.backends.deepspeed import check_config
+
+        check_config(cfg)
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -87,6 +87,15 @@ def setup(threads: int | None = None) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, local_world_size, device)
 
 
+def ensure_process_group() -> None:
+    """A 1-rank gloo group on an in-memory store when running alone (no port, nothing to clean up).
+
+    DeepSpeed's engine needs a process group even for one process; under torchrun it joins ramp's.
+    """
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()

@@ -28,7 +28,14 @@ def load_model(checkpoint: Path) -> nn.Module:
     meta = json.loads((checkpoint / META).read_text())
     model_cfg = ModelConfig(**meta["config"]["model"])
     model = build_model(model_cfg, tokenizer_vocab=meta["tokenizer_vocab"], eos_id=meta["eos_id"])
-    model.load_state_dict(torch.load(checkpoint / "model.pt", weights_only=True, map_location="cpu"))
+    if meta.get("backend") == "deepspeed":
+        # Sharded by ZeRO across the ranks that wrote it: gathered into one fp32 state dict here.
+        from trainer.backends.deepspeed import consolidated_state_dict
+
+        state = consolidated_state_dict(checkpoint)
+    else:
+        state = torch.load(checkpoint / "model.pt", weights_only=True, map_location="cpu")
+    model.load_state_dict(state)
     return model.eval()
 
 

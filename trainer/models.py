@@ -70,7 +70,8 @@ def build_model(cfg: ModelConfig, *, tokenizer_vocab: int, eos_id: int) -> nn.Mo
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # ZeRO 3 leaves each rank a shard (numel() 0 on most); DeepSpeed records the full size as ds_numel.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

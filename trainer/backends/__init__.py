@@ -64,4 +64,8 @@ def build_backend(cfg: Config, model: nn.Module, info: DistInfo) -> Backend:
         from trainer.backends.ddp import DDPBackend
 
         return DDPBackend(cfg, model, info)
-    raise ConfigError(f"backend={cfg.backend.name} is unknown; use backend=ddp")
+    if cfg.backend.name == "deepspeed":
+        from trainer.backends.deepspeed import DeepSpeedBackend  # imports deepspeed: only when chosen
+
+        return DeepSpeedBackend(cfg, model, info)
+    raise ConfigError(f"backend={cfg.backend.name} is unknown; use backend=ddp or backend=deepspeed")

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.backends import Backend
 from trainer.checkpoint import torch_save_durably
-from trainer.config import Config, Precision
+from trainer.config import Config, ConfigError, Precision
 from trainer.config import DDPBackend as DDPConfig
 from trainer.distributed import DistInfo
 from trainer.models import build_optimizer, causal_lm_loss
@@ -98,6 +98,11 @@ class DDPBackend(Backend):
             torch_save_durably(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def load(self, folder: Path, info: DistInfo) -> None:
+        if not (folder / "model.pt").is_file():
+            raise ConfigError(
+                f"run.resume: {folder} holds no model.pt (written by another backend); resume it with the "
+                "backend.name its meta.json records"
+            )
         model = torch.load(folder / "model.pt", weights_only=True, map_location=self.device)
         self.module.load_state_dict(model)
         optimizer = torch.load(folder / "optimizer.pt", weights_only=True, map_location=self.device)

@@ -63,7 +63,7 @@ def test_a_save_is_complete_verified_and_pointed_to(tmp_path: Path) -> None:
     meta = json.loads((path / "meta.json").read_text())
     assert meta["step"] == 7 and meta["world_size"] == 1 and meta["sampler"] == {"epoch": 0, "position": 7}
     assert set(meta["files"]) == {"model.pt", "optimizer.pt", "rank_0.pt"}
-    assert all(meta["files"][name] == checkpoint.sha256(path / name) for name in meta["files"])
+    assert all(meta["files"][name] == checkpoint.checksum(path / name) for name in meta["files"])
     assert (tmp_path / "latest").read_text() == "step_7"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert checkpoint.problem(path) is None
@@ -150,7 +150,7 @@ def test_loading_never_executes_code(tmp_path: Path) -> None:
     marker.unlink(missing_ok=True)
     (path / "model.pt").write_bytes(pickle.dumps({"weights": _Payload()}))
     meta = json.loads((path / "meta.json").read_text())
-    meta["files"]["model.pt"] = checkpoint.sha256(path / "model.pt")  # checksums alone do not protect
+    meta["files"]["model.pt"] = checkpoint.checksum(path / "model.pt")  # checksums alone do not protect
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(pickle.UnpicklingError):
         checkpoint.load(path, INFO, backend)

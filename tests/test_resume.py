@@ -319,7 +319,7 @@ def test_deepspeed_run_logs_and_checkpoints_like_ddp(
     assert meta["backend"] == "deepspeed" and meta["world_size"] == 2
     shards = sorted(name for name in meta["files"] if name.startswith("deepspeed/"))
     assert "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
-    assert all(meta["files"][name] == checkpoint.sha256(newest / name) for name in meta["files"])
+    assert all(meta["files"][name] == checkpoint.checksum(newest / name) for name in meta["files"])
     damaged = tmp_path / newest.name  # a copy: the reference run stays whole for other tests
     shutil.copytree(newest, damaged)
     shard = damaged / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"

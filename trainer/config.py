@@ -83,6 +83,8 @@ class TrainConfig:
     """fp32, or bf16 autocast for the forward pass (weights and optimizer state stay fp32)."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
     threads: int | None = None
     """Intra-op threads per rank; default: the machine's cores divided by the ranks on this node."""
 

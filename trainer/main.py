@@ -37,9 +37,14 @@ def train(dcfg: DictConfig) -> Outcome:
     schedule = build_schedule(cfg.schedule, max_steps=cfg.train.max_steps, peak_lr=cfg.optim.lr)
     data = build_data(cfg, info)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    backend = build_backend(
-        cfg, build_model(cfg.model, tokenizer_vocab=data.vocab_size, eos_id=data.eos_id), info
+    model = build_model(
+        cfg.model,
+        tokenizer_vocab=data.vocab_size,
+        eos_id=data.eos_id,
+        activation_checkpointing=cfg.train.activation_checkpointing,
     )
+    backend = build_backend(cfg, model, info)
+    del model  # the backend holds it now
     torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout noise per rank
     resume_from = checkpoint.choose(plan.candidates, info, plan.explicit)
     if info.is_main:

@@ -51,7 +51,9 @@ def hf_config_kwargs(cfg: ModelConfig, vocab_size: int, eos_id: int) -> dict[str
     return kwargs
 
 
-def build_model(cfg: ModelConfig, *, tokenizer_vocab: int, eos_id: int) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, *, tokenizer_vocab: int, eos_id: int, activation_checkpointing: bool = False
+) -> nn.Module:
     """A randomly initialised model; the caller seeds torch first so every rank builds the same one."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -66,7 +68,10 @@ def build_model(cfg: ModelConfig, *, tokenizer_vocab: int, eos_id: int) -> nn.Mo
     except ValueError as err:
         raise ConfigError(f"model.arch={cfg.arch}: {str(err).splitlines()[0]}") from None
     hf_config._attn_implementation = "sdpa"
-    return AutoModelForCausalLM.from_config(hf_config)
+    model = AutoModelForCausalLM.from_config(hf_config)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -59,6 +59,13 @@ class Backend(ABC):
         """Restore what ``save`` wrote (called on every rank)."""
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-device copy that does not block the host: from pinned memory on a GPU."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 def build_backend(cfg: Config, model: nn.Module, info: DistInfo) -> Backend:
     if cfg.backend.name == "ddp":
         from trainer.backends.ddp import DDPBackend

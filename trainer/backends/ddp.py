@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.backends import Backend
+from trainer.backends import Backend, to_device
 from trainer.checkpoint import torch_save_durably
 from trainer.config import Config, ConfigError, Precision
 from trainer.config import DDPBackend as DDPConfig
@@ -53,7 +53,7 @@ class DDPBackend(Backend):
             group["lr"] = lr
 
     def micro_step(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
+        batch = to_device(batch, self.device)
         # Gradients are all-reduced only on the step's last micro-batch.
         sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
         with sync:
@@ -81,7 +81,7 @@ class DDPBackend(Backend):
         self.module.eval()
         try:
             with self._autocast():
-                return causal_lm_loss(self.module, batch.to(self.device, non_blocking=True))
+                return causal_lm_loss(self.module, to_device(batch, self.device))
         finally:
             self.module.train()
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from trainer import checkpoint, distributed
-from trainer.backends import Backend
+from trainer.backends import Backend, to_device
 from trainer.config import Config, ConfigError, Offload, OnNan, Precision
 from trainer.config import DeepSpeedBackend as DeepSpeedConfig
 from trainer.distributed import DistInfo
@@ -266,7 +266,7 @@ class DeepSpeedBackend(Backend):
 
     def micro_step(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
         self.engine.set_gradient_accumulation_boundary(last)
-        loss = causal_lm_loss(self.engine, batch.to(self.device, non_blocking=True))
+        loss = causal_lm_loss(self.engine, to_device(batch, self.device))
         self.engine.backward(loss * self.loss_scale, scale_wrt_gas=False)
         return loss.detach()
 
@@ -290,7 +290,7 @@ class DeepSpeedBackend(Backend):
         self.module.eval()
         try:
             # The module itself: ZeRO 3's hooks on it gather each layer's parameters as it runs.
-            return causal_lm_loss(self.module, batch.to(self.device, non_blocking=True))
+            return causal_lm_loss(self.module, to_device(batch, self.device))
         finally:
             self.module.train()
 

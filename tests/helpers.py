@@ -183,3 +183,20 @@ def train_steps(run_dir: Path) -> int:
         return 0
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
     return max(steps, default=0)
+
+
+def transformers_lrs(name: str, peak: float, warmup: int, total: int, **kwargs: object) -> list[float]:
+    """The LR of optimizer steps 1..total under ramp's convention: transformers' value after k steps."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs
+    )
+    lrs = []
+    for _ in range(total):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    return lrs

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.helpers import REPO
+from tests.helpers import REPO, transformers_lrs
 from trainer.observe import flops
 from trainer.observe.redact import MASK, RedactFilter, redact, scrub, scrubbed_argv
 from trainer.schedule_plot import compose_config, key_points, main, schedule_of
@@ -113,19 +113,6 @@ def test_cpu_memory_is_the_process_rss() -> None:
 # --- the schedule plot ---------------------------------------------------------------------------
 
 
-def transformers_curve(name: str, total: int, warmup: int, **kwargs: object) -> list[float]:
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=6e-4)
-    scheduler = get_scheduler(
-        name, optimizer, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs
-    )
-    lrs = []
-    for _ in range(total):
-        optimizer.step()
-        scheduler.step()
-        lrs.append(scheduler.get_last_lr()[0])
-    return lrs
-
-
 @pytest.mark.parametrize(
     ("overrides", "name", "warmup", "kwargs"),
     [
@@ -145,7 +132,7 @@ def test_schedule_plot_draws_the_transformers_curve(
     figure = main([*overrides, "train.max_steps=400", "--out", str(out)])
     (line,) = [line for line in figure.axes[0].lines if line.get_label() == "lr"]
     assert list(line.get_xdata()) == list(range(1, 401))
-    expected = transformers_curve(name, 400, warmup, **kwargs)
+    expected = transformers_lrs(name, 6e-4, warmup, 400, **kwargs)
     assert list(line.get_ydata()) == pytest.approx(expected, rel=1e-12, abs=1e-18)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     points = key_points(schedule_of(compose_config([*overrides, "train.max_steps=400"])))

@@ -7,29 +7,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from transformers import get_scheduler
 
-from tests.helpers import own_lines, read_metrics, read_wandb_history, run_ramp, wandb_runs
+from tests.helpers import own_lines, read_metrics, read_wandb_history, run_ramp, transformers_lrs, wandb_runs
 
 pytestmark = pytest.mark.slow
 
 COSINE = ["train.max_steps=20", "schedule=cosine", "schedule.warmup_steps=5", "train.log_every=1"]
-
-
-def transformers_lrs(name: str, peak: float, warmup: int, total: int, **kwargs: float) -> list[float]:
-    """The LR of optimizer steps 1..total under ramp's convention: transformers' value after k steps."""
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    scheduler = get_scheduler(
-        name, optimizer, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs
-    )
-    lrs = []
-    for _ in range(total):
-        optimizer.step()
-        scheduler.step()
-        lrs.append(scheduler.get_last_lr()[0])
-    return lrs
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,11 @@ class Backend(ABC):
     @abstractmethod
     def load(self, folder: Path, info: DistInfo) -> None:
         """Restore what ``save`` wrote (called on every rank)."""
+
+
+def group_lrs(param_groups: list[dict[str, Any]]) -> dict[str, float]:
+    """Each parameter group's LR, by the group's name."""
+    return {group.get("name", str(i)): float(group["lr"]) for i, group in enumerate(param_groups)}
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

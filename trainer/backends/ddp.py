@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.backends import Backend, to_device
+from trainer.backends import Backend, group_lrs, to_device
 from trainer.checkpoint import torch_save_durably
 from trainer.config import Config, ConfigError, Precision
 from trainer.config import DDPBackend as DDPConfig
@@ -86,10 +86,7 @@ class DDPBackend(Backend):
             self.module.train()
 
     def lrs(self) -> dict[str, float]:
-        return {
-            group.get("name", str(i)): float(group["lr"])
-            for i, group in enumerate(self.optimizer.param_groups)
-        }
+        return group_lrs(self.optimizer.param_groups)
 
     def save(self, folder: Path, info: DistInfo) -> None:
         # DDP keeps identical replicas: one copy, from global rank 0.

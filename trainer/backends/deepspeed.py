@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from trainer import checkpoint, distributed
-from trainer.backends import Backend, to_device
+from trainer.backends import Backend, group_lrs, to_device
 from trainer.config import Config, ConfigError, Offload, OnNan, Precision
 from trainer.config import DeepSpeedBackend as DeepSpeedConfig
 from trainer.distributed import DistInfo
@@ -295,10 +295,7 @@ class DeepSpeedBackend(Backend):
             self.module.train()
 
     def lrs(self) -> dict[str, float]:
-        return {
-            group.get("name", str(i)): float(group["lr"])
-            for i, group in enumerate(self.engine.optimizer.param_groups)
-        }
+        return group_lrs(self.engine.optimizer.param_groups)
 
     def save(self, folder: Path, info: DistInfo) -> None:
         # Collective: every rank writes its shard of the optimizer (and, with ZeRO 3, of the weights).

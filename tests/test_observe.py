@@ -187,3 +187,16 @@ def test_schedule_plot_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
         "lower it or use schedule.warmup_ratio"
     ]
     assert not list(tmp_path.iterdir())
+
+
+def test_only_whole_word_secret_names_are_masked() -> None:
+    config = {
+        "data": {"tokenizer": "my-org/tokenizer-v2", "eos_token": "<|endoftext|>"},
+        "model": {"extra": {"hub_token": "hf_abcdefghijklmnop"}},
+        "train": {"max_steps": 10},
+    }
+    masked = redact(config)
+    assert masked["data"] == {"tokenizer": "my-org/tokenizer-v2", "eos_token": "<|endoftext|>"}
+    assert masked["model"]["extra"]["hub_token"] == MASK
+    assert "my-org/tokenizer-v2" in scrub("loading my-org/tokenizer-v2")
+    assert scrub("token hf_abcdefghijklmnop") == f"token {MASK}"

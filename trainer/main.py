@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import hydra
 import torch
@@ -86,6 +87,10 @@ def _exit(code: int, message: str | None = None) -> None:
     """Leave at once: the interpreter's teardown races gloo's threads in torch 2.13."""
     if message and distributed.env_rank() == 0:
         print(f"ramp: error: {scrub(message)}", file=sys.stderr)
+    elif message:
+        # Every rank meets the same error; rank 0 reports it. Leaving first would let torchrun stop
+        # rank 0 before it prints, so the others give it time (torchrun ends them when it exits).
+        time.sleep(10)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

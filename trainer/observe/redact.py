@@ -17,7 +17,13 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-SECRET_NAME = re.compile(r"(token|secret|password|passwd|api_?key|credential|auth)", re.IGNORECASE)
+SECRET_NAME = re.compile(
+    r"(?<![a-z])(?<!eos_)(?<!bos_)(?<!pad_)(?<!unk_)(?<!sep_)(?<!cls_)(?<!mask_)"
+    r"(token|secret|password|passwd|passphrase|credentials?|auth|api_?key|access_?key|private_?key)(?![a-z])",
+    re.IGNORECASE,
+)
+"""Whole words only: ``HF_TOKEN``, ``WANDB_API_KEY`` and ``hub_token`` are secret names; ``tokenizer``,
+``tokens`` and a tokenizer's special tokens (``eos_token``) are not."""
 MASK = "***"
 MIN_SECRET_LEN = 8
 """Shorter values are masked under secret-named keys but not scrubbed from free text, where masking

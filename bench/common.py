@@ -12,7 +12,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-MODEL = {"model_type": "gpt2", "n_embd": 192, "n_layer": 4, "n_head": 4, "n_positions": 512}
+# ramp's gpt2-tiny preset exactly: no dropout (model.dropout=0.0), and no key/value cache while training
+# (transformers' defaults, dropout 0.1 and use_cache=True, would make a different and slower model).
+MODEL = {
+    "model_type": "gpt2",
+    "n_embd": 192,
+    "n_layer": 4,
+    "n_head": 4,
+    "n_positions": 512,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "use_cache": False,
+}
 VOCAB = 320  # the byte tokenizer's 257 tokens, padded to a multiple of 64 as ramp does
 EOS = 256
 LR = 6e-4

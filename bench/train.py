@@ -71,14 +71,15 @@ def launcher(nproc: int) -> list[str]:
     return [sys.executable]
 
 
-def run_once(cmd: list[str], cwd: Path, first_marker: str, last_marker: str) -> tuple[float, float, float]:
+def run_once(
+    cmd: list[str], cwd: Path, first_marker: str, last_marker: str, threads: int
+) -> tuple[float, float, float]:
     """Launch, watch stdout for the two step markers, track the process tree's peak memory.
 
     Returns (seconds from launch to the end of step 1, seconds from step 1 to step K, peak RSS in MB).
     """
-    env = dict(
-        os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled"
-    )
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+    env["OMP_NUM_THREADS"] = str(threads)  # every contender gets the same share of the cores
     launched = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -124,7 +125,6 @@ def contenders(tokens: Path, steps: int, micro_batch: int, seq_len: int, nproc: 
         f"train.max_steps={steps}",
         f"train.micro_batch_size={micro_batch}",
         f"train.seq_len={seq_len}",
-        "train.log_every=1",
         "train.eval_every=0",
         "schedule=cosine",
         "schedule.warmup_steps=5",
@@ -150,7 +150,9 @@ def summary(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument(
+        "--steps", type=int, default=30, help="a multiple of 10: ramp logs steps 1, 10, 20, ..."
+    )
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--nproc", type=int, default=2, help="processes per contender (DDP when > 1)")
@@ -176,7 +178,8 @@ def main() -> None:
                     if ramp
                     else ("BENCH step 1", f"BENCH step {opts.steps}")
                 )
-                first_step, elapsed, peak = run_once(cmd, cwd, first, last)
+                threads = max(1, (os.cpu_count() or 1) // opts.nproc)
+                first_step, elapsed, peak = run_once(cmd, cwd, first, last, threads)
                 sample = Sample(step_tokens * (opts.steps - 1) / elapsed, first_step, peak)
                 contender.samples.append(sample)
                 speeds[contender.name] = sample.tokens_per_s

@@ -65,7 +65,7 @@ class TrainConfig:
     seed: int = 1337
     """Seeds model initialisation, data order and every random number generator."""
     log_every: int = 10
-    """Reduce and log metrics every N optimizer steps (and at the last step)."""
+    """Reduce and log metrics every N optimizer steps, and at the first and the last step."""
     eval_every: int = 100
     """Evaluate on the validation slice every N steps and at the end; 0 disables evaluation."""
     eval_steps: int = 10

@@ -8,6 +8,7 @@ advance it either. The schedule sees only this number, and it is saved in every 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -206,6 +207,11 @@ class Trainer:
 
     def fit(self, state: TrainState, stop: StopSignal) -> Outcome:
         t, meter = self.cfg.train, self.meter
+        # Profiling note: set-up leaves hundreds of thousands of long-lived objects (Hydra, transformers)
+        # that every full collection would rescan while autograd churns through temporaries. Frozen,
+        # they are skipped: ramp went from about 0.94x to 0.97x the bare loop's tokens/s on CPU.
+        gc.collect()
+        gc.freeze()
         consecutive_skips = 0
         while state.global_step < t.max_steps:
             step = state.global_step + 1
@@ -223,7 +229,7 @@ class Trainer:
             meter.tokens += tokens
             meter.steps += 1
             self.recorder.step(step)
-            if step % t.log_every == 0 or step == t.max_steps:
+            if step == 1 or step % t.log_every == 0 or step == t.max_steps:
                 record: dict[str, Any] = {"step": step, "lr": lr, **meter.reduce(self.info)}
                 record.update(
                     grad_norm=float(grad_norm), tokens=state.tokens, epoch=self.data.train.state.epoch

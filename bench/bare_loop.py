@@ -62,8 +62,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if rank == 0 and step in (1, opts.steps):
             common.event(step)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    common.leave()
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def main() -> None:
             disable_tqdm=True,
         )
         Trainer(model=model, args=arguments, train_dataset=data, callbacks=[Events()]).train()
+    common.leave()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from trainer.backends import Backend
 from trainer.config import Config, OnNan
 from trainer.data import Data
 from trainer.distributed import DistInfo
+from trainer.models import count_parameters
 from trainer.observe import Recorder
 from trainer.observe.flops import flops_per_token, memory_gb, mfu, peak_flops
 from trainer.observe.recorder import perplexity
@@ -121,6 +122,23 @@ class Trainer:
         self.meter = IntervalMeter(self.info.device)
         self.flops_per_token = flops_per_token(self.backend.module, self.cfg.train.seq_len)
         self.peak_flops = peak_flops(self.info.device, self.cfg.logger.peak_flops)
+
+    def announce(self) -> None:
+        """One start-up line: what trains, on how many ranks, how many tokens a step, into where."""
+        t, world = self.cfg.train, self.info.world_size
+        log.info(
+            "ramp | %s: %.2fM parameters | world %d | %d tokens/step (%d x %d x %d ranks x %d accum) | %s -> %s",
+            self.cfg.model.name,
+            count_parameters(self.backend.module) / 1e6,
+            world,
+            t.micro_batch_size * t.seq_len * world * t.grad_accum_steps,
+            t.micro_batch_size,
+            t.seq_len,
+            world,
+            t.grad_accum_steps,
+            self.schedule.name,
+            self.run_dir,
+        )
 
     def restore(self, resumed: checkpoint.Resumed) -> TrainState:
         """Continue where a checkpoint left off: data position, open log interval, counters."""

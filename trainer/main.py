@@ -19,7 +19,7 @@ from trainer.backends import build_backend
 from trainer.config import ConfigError, register_configs, to_config
 from trainer.data import build_data
 from trainer.loop import Outcome, Trainer, TrainingHalted, TrainState
-from trainer.models import build_model, count_parameters
+from trainer.models import build_model
 from trainer.observe import Recorder, redact, scrub, setup_logging
 from trainer.preemption import StopSignal
 from trainer.schedules import build_schedule
@@ -58,20 +58,7 @@ def train(dcfg: DictConfig) -> Outcome:
     )
     trainer = Trainer(cfg, info, backend, data, schedule, recorder, plan.run_dir, resolved)
     state = trainer.restore(resumed) if resumed else TrainState()
-    t = cfg.train
-    log.info(
-        "ramp | %s: %.2fM parameters | world %d | %d tokens/step (%d x %d x %d ranks x %d accum) | %s -> %s",
-        cfg.model.name,
-        count_parameters(backend.module) / 1e6,
-        info.world_size,
-        t.micro_batch_size * t.seq_len * info.world_size * t.grad_accum_steps,
-        t.micro_batch_size,
-        t.seq_len,
-        info.world_size,
-        t.grad_accum_steps,
-        schedule.name,
-        plan.run_dir,
-    )
+    trainer.announce()
     try:
         outcome = trainer.fit(state, stop)
     finally:

@@ -200,3 +200,43 @@ def transformers_lrs(name: str, peak: float, warmup: int, total: int, **kwargs: 
         scheduler.step()
         lrs.append(scheduler.get_last_lr()[0])
     return lrs
+
+
+def run_worker(
+    script: str,
+    args: list[str],
+    *,
+    cwd: Path,
+    cache_dir: Path,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/workers/<script>`` on 2 gloo ranks through real torchrun; fail with its output if it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(REPO / "tests" / "workers" / script), *args]
+    result = subprocess.run(
+        cmd,
+        env=ramp_env(cache_dir) | (env or {}),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def run_export(checkpoint: Path, out_dir: Path, cache_dir: Path) -> None:
+    """``python -m trainer.export CHECKPOINT OUT_DIR`` as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.export", str(checkpoint), str(out_dir)],
+        env=ramp_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr

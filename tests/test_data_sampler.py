@@ -4,15 +4,13 @@ sampler restored from its state continues with exactly the batches the uninterru
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, ramp_env
+from tests.helpers import REPO, run_worker
 from trainer.data.sampler import WindowSampler, eval_batches
 
 
@@ -100,7 +98,9 @@ def test_evaluation_reads_the_same_leading_windows_split_across_ranks() -> None:
 SEQ_LEN, MICRO = 16, 3
 
 
-def run_worker(tmp_path: Path, cache_dir: Path, prefix: str, start: str, draws: int) -> list[dict[str, Any]]:
+def sample_on_two_ranks(
+    tmp_path: Path, cache_dir: Path, prefix: str, start: str, draws: int
+) -> list[dict[str, Any]]:
     overrides = [
         "data=text",
         f"data.files={tmp_path / 'corpus'}",
@@ -110,20 +110,8 @@ def run_worker(tmp_path: Path, cache_dir: Path, prefix: str, start: str, draws: 
         "train.eval_every=0",
         "train.seed=7",
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(REPO / "tests" / "workers" / "data_sampler.py"), str(REPO / "conf"), str(tmp_path / prefix)]
-    cmd += [start, str(draws), *overrides]
-    result = subprocess.run(
-        cmd,
-        env=ramp_env(cache_dir),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    args = [str(REPO / "conf"), str(tmp_path / prefix), start, str(draws), *overrides]
+    run_worker("data_sampler.py", args, cwd=tmp_path, cache_dir=cache_dir)
     return [json.loads((tmp_path / f"{prefix}.rank{rank}.json").read_text()) for rank in range(2)]
 
 
@@ -134,7 +122,7 @@ def test_two_ranks_split_each_pass_and_resume_mid_pass(tmp_path: Path) -> None:
     for i in range(24):
         (corpus / f"{i:02d}.txt").write_text(f"document {i}: " + "abcdefghij"[i % 10] * (40 + 7 * i))
     cache = tmp_path / "cache"
-    full = run_worker(tmp_path, cache, "full", "0", draws=60)
+    full = sample_on_two_ranks(tmp_path, cache, "full", "0", draws=60)
     num_samples, global_batch = full[0]["num_samples"], full[0]["global_batch"]
     assert global_batch == 2 * MICRO and full[1]["num_samples"] == num_samples
     per_pass, tail = divmod(num_samples, global_batch)
@@ -163,6 +151,6 @@ def test_two_ranks_split_each_pass_and_resume_mid_pass(tmp_path: Path) -> None:
     # a restart from the state saved after 27 micro-batches (mid-pass 2) draws exactly the rest
     saved = full[0]["records"][27]["state"]
     assert saved == full[1]["records"][27]["state"] and 0 < saved["position"] < num_samples
-    resumed = run_worker(tmp_path, cache, "resumed", json.dumps(saved), draws=60 - 27)
+    resumed = sample_on_two_ranks(tmp_path, cache, "resumed", json.dumps(saved), draws=60 - 27)
     for rank in range(2):
         assert resumed[rank]["records"] == full[rank]["records"][27:]

@@ -11,8 +11,6 @@ import json
 import math
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import hydra
 import pytest
 import torch
 
-from tests.helpers import REPO, ramp_env, read_metrics, run_ramp
+from tests.helpers import REPO, read_metrics, run_export, run_ramp, run_worker
 from trainer.backends.deepspeed import deepspeed_config, weights_only_loads
 from trainer.config import Config, ConfigError, DeepSpeedBackend, Offload, register_configs, to_config
 
@@ -148,19 +146,7 @@ DEEPSPEED_RUNS = [*ZERO_RUNS, "deepspeed-zero3-offload-accum3", "deepspeed-zero2
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
     root = tmp_path_factory.mktemp("parity")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(REPO / "tests" / "workers" / "deepspeed_parity.py"), str(CONF_DIR), str(root)]
-    result = subprocess.run(
-        cmd,
-        env=ramp_env(cache_dir),
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_worker("deepspeed_parity.py", [str(CONF_DIR), str(root)], cwd=root, cache_dir=cache_dir, timeout=280)
     return root, json.loads((root / "report.json").read_text())
 
 
@@ -256,15 +242,7 @@ def test_export_from_a_zero3_checkpoint(
     ckpt = root / "deepspeed-zero3-accum1" / "checkpoints" / f"step_{MAX_STEPS}"
     assert json.loads((ckpt / "meta.json").read_text())["backend"] == "deepspeed"
     out = tmp_path / "hf"
-    result = subprocess.run(
-        [sys.executable, "-m", "trainer.export", str(ckpt), str(out)],
-        env=ramp_env(cache_dir),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    run_export(ckpt, out, cache_dir)
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     consolidated = load_model(ckpt)
     tokens = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(0))

@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, ramp_env
+from tests.helpers import REPO, run_worker
 
 pytestmark = pytest.mark.slow
 
 
 def test_gradients_sync_only_on_the_last_micro_batch(tmp_path: Path, cache_dir: Path) -> None:
     report_path = tmp_path / "report.json"
-    env = ramp_env(cache_dir) | {"RAMP_TEST_REPORT": str(report_path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(REPO / "tests" / "workers" / "ddp_sync.py"), str(REPO / "conf")]
-    result = subprocess.run(
-        cmd,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    env = {"RAMP_TEST_REPORT": str(report_path)}
+    run_worker("ddp_sync.py", [str(REPO / "conf")], cwd=tmp_path, cache_dir=cache_dir, env=env)
     report = json.loads(report_path.read_text())
     # Accumulation micro-steps: no communication, and each rank holds its own gradients.
     assert report["calls_after_micro_0"] == 0 and report["calls_after_micro_1"] == 0

@@ -20,6 +20,7 @@ from tests.helpers import (
     own_lines,
     read_metrics,
     read_wandb_history,
+    run_export,
     run_ramp,
     train_steps,
     wandb_runs,
@@ -201,26 +202,15 @@ def test_a_finished_run_extends_to_a_larger_max_steps(tmp_path: Path, cache_dir:
 
 
 def test_export_gives_a_transformers_model_with_identical_logits(tmp_path: Path, cache_dir: Path) -> None:
-    import subprocess
-    import sys
 
     from transformers import AutoModelForCausalLM
 
-    from tests.helpers import ramp_env
     from trainer.export import load_model
 
     overrides = [*BASE, "train.max_steps=3", "model=llama-tiny"]
     assert run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, nproc=0).returncode == 0
     ckpt, out = tmp_path / "outputs" / "run" / "checkpoints" / "step_3", tmp_path / "hf"
-    result = subprocess.run(
-        [sys.executable, "-m", "trainer.export", str(ckpt), str(out)],
-        env=ramp_env(cache_dir),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    run_export(ckpt, out, cache_dir)
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     ours = load_model(ckpt)

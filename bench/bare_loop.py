@@ -16,6 +16,7 @@ from bench import common
 
 
 def main() -> None:
+    """Train for ``--steps`` steps, printing the BENCH lines at the first and the last."""
     opts = common.args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -15,40 +15,37 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from bench.train import REPO
 from trainer import checkpoint
 from trainer.backends import build_backend
-from trainer.config import register_configs, to_config
+from trainer.backends.ddp import DDPBackend
+from trainer.config import compose
 from trainer.distributed import DistInfo
-from trainer.models import build_model, count_parameters
+from trainer.models import build_model, causal_lm_loss, count_parameters
 
 
 def main() -> None:
+    """Time ``--repeats`` plain saves and ramp checkpoints, taking turns; print seconds and the ratio."""
     parser = argparse.ArgumentParser(prog="python -m bench.checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2-tiny", help="a preset under conf/model/")
     parser.add_argument("--repeats", type=int, default=10)
     opts = parser.parse_args()
     info = DistInfo(0, 0, 1, 1, torch.device("cpu"))
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = to_config(
-            compose(
-                "config", overrides=[f"model={opts.model}", "train.seq_len=64", "train.micro_batch_size=2"]
-            )
-        )
+    cfg = compose([f"model={opts.model}", "train.seq_len=64", "train.micro_batch_size=2"])
     backend = build_backend(cfg, build_model(cfg.model, tokenizer_vocab=257, eos_id=256), info)
-    backend.set_lr(1e-4)
-    backend.micro_step(torch.randint(0, 257, (2, 65)), last=True)
-    backend.optimizer_step()  # so the optimizer holds its moments
+    assert isinstance(backend, DDPBackend)  # the default backend; torch.save needs its optimizer
+    batch = torch.randint(0, 257, (2, 65))
+    with backend.accumulate(last=True):
+        backend.backward(causal_lm_loss(backend.model, batch) / batch[:, 1:].numel())
+    backend.step()  # so the optimizer holds its moments
     plain, ramp = [], []
     with tempfile.TemporaryDirectory(dir=REPO) as scratch:
         root = Path(scratch)
         for repeat in range(opts.repeats):
             started = time.perf_counter()
             torch.save(
-                {"model": backend.module.state_dict(), "optimizer": backend.optimizer.state_dict()},  # type: ignore[attr-defined]
+                {"model": backend.module.state_dict(), "optimizer": backend.optimizer.state_dict()},
                 root / f"plain_{repeat}.pt",
             )
             plain.append(time.perf_counter() - started)
@@ -61,13 +58,16 @@ def main() -> None:
     )
     print(f"{'save':48} {'median s':>9} {'min':>8} {'max':>8}")
     print(
-        f"{'torch.save(model + optimizer)':48} {statistics.median(plain):9.4f} {min(plain):8.4f} {max(plain):8.4f}"
+        f"{'torch.save(model + optimizer)':48} {statistics.median(plain):9.4f} "
+        f"{min(plain):8.4f} {max(plain):8.4f}"
     )
     print(
-        f"{'ramp checkpoint (atomic, fsynced, checksummed)':48} {statistics.median(ramp):9.4f} {min(ramp):8.4f} {max(ramp):8.4f}"
+        f"{'ramp checkpoint (atomic, fsynced, checksummed)':48} {statistics.median(ramp):9.4f} "
+        f"{min(ramp):8.4f} {max(ramp):8.4f}"
     )
     print(
-        f"ratio ramp / torch.save: median {statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}]"
+        f"ratio ramp / torch.save: median {statistics.median(ratios):.2f} "
+        f"[{min(ratios):.2f}, {max(ratios):.2f}]"
     )
 
 

@@ -11,10 +11,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TypedDict
+
+
+class ModelShape(TypedDict):
+    """The keyword arguments of ``AutoConfig.for_model`` that shape the model."""
+
+    model_type: str
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_positions: int
+    resid_pdrop: float
+    embd_pdrop: float
+    attn_pdrop: float
+    use_cache: bool
+
 
 # ramp's gpt2-tiny preset exactly: no dropout (model.dropout=0.0), and no key/value cache while training
 # (transformers' defaults, dropout 0.1 and use_cache=True, would make a different and slower model).
-MODEL = {
+MODEL: ModelShape = {
     "model_type": "gpt2",
     "n_embd": 192,
     "n_layer": 4,
@@ -35,6 +51,7 @@ MAX_GRAD_NORM = 1.0
 
 
 def args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options every contender takes: the token file, steps, micro-batch, sequence length, seed."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", required=True, help="a flat uint16 token file (ramp's train.bin)")
     parser.add_argument("--steps", type=int, default=30)
@@ -54,5 +71,6 @@ def leave() -> None:
 
 
 def event(step: int) -> None:
+    """Print the ``BENCH step <step>`` line the driver times, flushed."""
     print(f"BENCH step {step}", flush=True)
     sys.stdout.flush()

@@ -58,6 +58,7 @@ def raw_rate(encode_batch: Callable[[list[Text]], Iterable[Sized]], texts: list[
 
 
 def pipeline_rate(corpus: Path, cache: Path, tokenizer: str, num_proc: int) -> tuple[int, float]:
+    """Tokens and seconds of ramp building the token cache of ``corpus`` into ``cache``."""
     cfg = TextData(files=str(corpus), tokenizer=tokenizer, num_proc=num_proc, cache_dir=str(cache))
     _, build_entry, _ = prepare(cfg)
     started = time.perf_counter()
@@ -67,6 +68,7 @@ def pipeline_rate(corpus: Path, cache: Path, tokenizer: str, num_proc: int) -> t
 
 
 def main() -> None:
+    """Measure raw and ramp tokens/s for each tokenizer and data.num_proc; print them and the ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--mb", type=float, default=1e9, help="corpus size in MB (default: all stdlib sources)"
@@ -85,7 +87,8 @@ def main() -> None:
         started = time.perf_counter()
         bpe = train_bpe(iter([strings[: len(strings) // 4]]), args.vocab_size)
         print(
-            f"trained a {bpe.vocab_size}-token byte-level BPE on a quarter of it in {time.perf_counter() - started:.1f} s"
+            f"trained a {bpe.vocab_size}-token byte-level BPE on a quarter of it "
+            f"in {time.perf_counter() - started:.1f} s"
         )
         tokenizer_file = root / "tokenizer.json"
         tokenizer_file.write_text(bpe.to_json())
@@ -100,7 +103,8 @@ def main() -> None:
         specs = {"bytes": "bytes", "bpe": str(tokenizer_file)}
         print(f"best of {args.repeat}, raw and ramp taking turns so that load from elsewhere hits both")
         print(
-            f"\n{'tokenizer':<10} {'num_proc':>8} {'tokens':>12} {'raw tok/s':>12} {'ramp tok/s':>12} {'ramp/raw':>9}"
+            f"\n{'tokenizer':<10} {'num_proc':>8} {'tokens':>12} "
+            f"{'raw tok/s':>12} {'ramp tok/s':>12} {'ramp/raw':>9}"
         )
         for name in ("bytes", "bpe"):
             for num_proc in args.num_proc:
@@ -114,7 +118,8 @@ def main() -> None:
                 assert tokens == raw_tokens + len(raw_bytes), (tokens, raw_tokens)
                 raw_speed, speed = raw_tokens / raw_seconds, tokens / seconds
                 print(
-                    f"{name:<10} {num_proc:>8} {tokens:>12,} {raw_speed:>12,.0f} {speed:>12,.0f} {speed / raw_speed:>9.2f}"
+                    f"{name:<10} {num_proc:>8} {tokens:>12,} "
+                    f"{raw_speed:>12,.0f} {speed:>12,.0f} {speed / raw_speed:>9.2f}"
                 )
 
 

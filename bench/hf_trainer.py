@@ -11,7 +11,9 @@ import torch
 from bench import common
 
 
-class Windows(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class Windows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """``count`` seeded random windows of ``seq_len`` tokens from a flat uint16 token file."""
+
     def __init__(self, path: str, seq_len: int, count: int, seed: int) -> None:
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
         self.seq_len = seq_len
@@ -28,11 +30,22 @@ class Windows(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def main() -> None:
+    """Train with the Hugging Face Trainer for ``--steps`` steps, printing the BENCH lines."""
     opts = common.args()
-    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
 
-    class Events(TrainerCallback):  # type: ignore[misc]
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+    class Events(TrainerCallback):
+        def on_step_end(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+        ) -> None:
             if state.is_world_process_zero and state.global_step in (1, opts.steps):
                 common.event(state.global_step)
 

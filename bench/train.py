@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Sample:
+    """One contender's measurements in one round."""
+
     tokens_per_s: float
     first_step_s: float
     peak_rss_mb: float
@@ -42,6 +44,8 @@ class Sample:
 
 @dataclass
 class Contender:
+    """A program under test: its names, the module it runs with its arguments, and its samples."""
+
     name: str
     label: str
     module: str
@@ -52,20 +56,17 @@ class Contender:
 def token_file() -> Path:
     """ramp's cached built-in corpus (built on first use)."""
     import torch
-    from hydra import compose, initialize_config_dir
 
-    from trainer.config import register_configs, to_config
+    from trainer.config import compose
     from trainer.data import build_data
     from trainer.distributed import DistInfo
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=["train.eval_every=0"]))
-    data = build_data(cfg, DistInfo(0, 0, 1, 1, torch.device("cpu")))
+    data = build_data(compose(["train.eval_every=0"]), DistInfo(0, 0, 1, 1, torch.device("cpu")))
     return data.files.path / "train.bin"
 
 
 def launcher(nproc: int) -> list[str]:
+    """The start of a command that runs ``nproc`` processes: torchrun when more than one, else python."""
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return [sys.executable]
@@ -119,6 +120,7 @@ def run_once(
 
 
 def contenders(tokens: Path, steps: int, micro_batch: int, seq_len: int, nproc: int) -> list[Contender]:
+    """(a) to (e), on the same data, batch and schedule; (c) only when the deepspeed backend exists."""
     bench_args = ["--tokens", str(tokens), "--steps", str(steps), "--micro-batch", str(micro_batch)]
     bench_args += ["--seq-len", str(seq_len)]
     ramp_args = [
@@ -144,10 +146,12 @@ def contenders(tokens: Path, steps: int, micro_batch: int, seq_len: int, nproc: 
 
 
 def summary(values: list[float]) -> str:
+    """``median [min, max]`` of ``values``."""
     return f"{statistics.median(values):8.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
 def main() -> None:
+    """Run the contenders round by round, in a rotating order; print throughput, ratios, start-up, memory."""
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument(
@@ -196,12 +200,12 @@ def main() -> None:
     print(header + f" {'first step s':>13} {'vs (a)':>7} {'peak RSS MB':>12}")
     for c in field_:
         speeds_ = [s.tokens_per_s for s in c.samples]
-        first = statistics.median(s.first_step_s for s in c.samples)
+        first_s = statistics.median(s.first_step_s for s in c.samples)
         peak = statistics.median(s.peak_rss_mb for s in c.samples)
         speed_text = f"{statistics.median(speeds_):12.0f} [{min(speeds_):.0f}, {max(speeds_):.0f}]"
         print(
-            f"{c.label:30} {speed_text:>34} {summary(ratios[c.name]):>28} {first:13.2f} "
-            f"{first - bare_first:+7.2f} {peak:12.0f}"
+            f"{c.label:30} {speed_text:>34} {summary(ratios[c.name]):>28} {first_s:13.2f} "
+            f"{first_s - bare_first:+7.2f} {peak:12.0f}"
         )
 
 

@@ -63,6 +63,7 @@ class NodePlan:
 
     @property
     def endpoint(self) -> str:
+        """The rendezvous address, ``head:port``."""
         return f"{self.head}:{self.port}"
 
 
@@ -151,6 +152,7 @@ def cluster_env(plan: NodePlan, env: Mapping[str, str], socket_ifname: str | Non
 
 
 def torchrun_command(plan: NodePlan, overrides: Sequence[str], python: str = sys.executable) -> list[str]:
+    """The torchrun command line that runs ``trainer.main`` with ``overrides`` on this node."""
     cmd = [
         python,
         "-m",
@@ -169,6 +171,7 @@ def torchrun_command(plan: NodePlan, overrides: Sequence[str], python: str = sys
 
 
 def describe(plan: NodePlan, env_set: Mapping[str, str], cmd: Sequence[str]) -> list[str]:
+    """The start-up lines: the node and rendezvous, the variables set, the per-rank logs, the command."""
     where = f"Slurm job {plan.run_id} | " if plan.slurm else ""
     meeting = "standalone" if plan.standalone else f"c10d rendezvous at {plan.endpoint} (id {plan.run_id})"
     return [
@@ -206,6 +209,7 @@ class SignalForwarder:
         self.asked: set[int] = set()
 
     def install(self) -> None:
+        """Handle SIGUSR1, SIGTERM and SIGINT in this process: each is noted for :meth:`deliver`."""
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -249,6 +253,7 @@ def _torchrun_child_setup() -> Callable[[], None]:
 
 
 def run(cmd: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run torchrun in its own session, relaying signals to its trainers; its status (128 + N: signal N)."""
     forwarder = SignalForwarder()
     forwarder.install()
     # Its own session: a Ctrl-C in the terminal reaches the launcher (which asks for a checkpoint),
@@ -270,10 +275,12 @@ def run(cmd: Sequence[str], env: Mapping[str, str]) -> int:
 
 
 def say(message: str) -> None:
+    """Print ``message`` as a ``launch |`` line, flushed."""
     print(f"launch | {message}", flush=True)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The launcher's options, and the Hydra overrides: the positional ones, then those after ``--``."""
     argv = list(argv)
     overrides: list[str] = []
     if "--" in argv:
@@ -307,6 +314,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Plan this node's torchrun, print the plan and run it (with --dry-run, only print); the exit status."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ)
     plan = make_plan(args, env)

@@ -28,6 +28,7 @@ class SubmitError(RuntimeError):
 
 
 def directives(args: argparse.Namespace, log_dir: Path, workdir: Path) -> list[str]:
+    """The ``#SBATCH`` lines: resources, USR1 ``--grace`` s before the time limit, requeue, log, folder."""
     options = [f"--job-name={args.job_name}", f"--nodes={args.nodes}", "--ntasks-per-node=1"]
     if args.gpus_per_node:
         options.append(f"--gpus-per-node={args.gpus_per_node}")
@@ -70,6 +71,11 @@ def render(args: argparse.Namespace, overrides: Sequence[str], log_dir: Path, wo
 
 
 def submit(script: Path) -> str:
+    """Submit ``script`` with sbatch; the job id.
+
+    Raises:
+        SubmitError: sbatch is not on the PATH, or it refused the script.
+    """
     if shutil.which("sbatch") is None:
         raise SubmitError(
             "sbatch not found: submit from a Slurm login node, or start a local cluster with "
@@ -84,6 +90,7 @@ def submit(script: Path) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The options (``argv`` kept as ``args.argv``), and the Hydra overrides after ``--``."""
     argv = list(argv)
     overrides: list[str] = []
     if "--" in argv:
@@ -133,6 +140,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Write the batch script beside the logs and submit it (--dry-run: only print it); the exit status."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     workdir = args.chdir.resolve()
     log_dir = (args.log_dir or workdir / "logs").resolve()

@@ -1,4 +1,5 @@
-"""Shared test helpers: run ramp as a user does (real torchrun, real processes), read its outputs back."""
+"""Shared test helpers: run ramp as a user does (real torchrun, real processes), read its outputs back,
+and build its parts in-process (a backend on the tiny model, one optimizer step through the seam)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,12 @@ HEADER = 7
 
 
 def _wandb_payloads(data: bytes) -> list[bytes]:
-    """Reassemble the records of a wandb ``.wandb`` file (a LevelDB-log-style stream)."""
+    """Reassemble the records of a wandb ``.wandb`` file (a LevelDB-log-style stream).
+
+    A deliberately independent oracle: ramp's own reader (``trainer.observe.wandb_sink``) decides what a
+    resumed run re-sends, and the tests check that decision against what this decoder, written apart
+    from it, finds in the files. Sharing one reader would let a bug in it pass its own test.
+    """
     assert data[:4] == b":W&B", "not a wandb data file"
     payloads, pending, pos = [], b"", HEADER
     while pos + HEADER <= len(data):
@@ -106,7 +112,7 @@ def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
 
     rows = []
     for payload in _wandb_payloads(run_file.read_bytes()):
-        record = wandb_internal_pb2.Record()
+        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]  # generated, no stubs
         record.ParseFromString(payload)
         if record.WhichOneof("record_type") != "history":
             continue
@@ -211,9 +217,12 @@ def run_worker(
     timeout: float = 180,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``tests/workers/<script>`` on 2 gloo ranks through real torchrun; fail with its output if it fails."""
+    """Run ``tests/e2e/workers/<script>`` on 2 gloo ranks through real torchrun.
+
+    Fails the test, showing the workers' output, if they fail.
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(REPO / "tests" / "workers" / script), *args]
+    cmd += [str(REPO / "tests" / "e2e" / "workers" / script), *args]
     result = subprocess.run(
         cmd,
         env=ramp_env(cache_dir) | (env or {}),
@@ -240,3 +249,83 @@ def run_export(checkpoint: Path, out_dir: Path, cache_dir: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-process parts
+
+
+def tiny_backend(config: Any, info: Any) -> Any:
+    """The backend ``config`` names, on its model built for the 257-token byte vocabulary, seeded."""
+    import torch
+
+    from trainer.backends import build_backend
+    from trainer.models import build_model
+
+    torch.manual_seed(0)
+    return build_backend(config, build_model(config.model, tokenizer_vocab=257, eos_id=256), info)
+
+
+def one_step(backend: Any, batch: Any, lr: float = 1e-3) -> tuple[Any, bool]:
+    """One optimizer step of one micro-batch through the backend seam, as the loop drives it."""
+    from trainer.models import causal_lm_loss
+
+    for group in backend.param_groups:
+        group["lr"] = lr
+    with backend.accumulate(last=True):
+        with backend.autocast():
+            loss = causal_lm_loss(backend.model, batch)
+        backend.backward(loss / batch[:, 1:].numel())
+    return backend.step()
+
+
+def random_batch(seed: int, rows: int = 2, width: int = 33) -> Any:
+    """Token ids in [0, 257) of shape (rows, width), the same for the same seed."""
+    import torch
+
+    return torch.randint(0, 257, (rows, width), generator=torch.Generator().manual_seed(seed))
+
+
+def checkpoint_meta(step: int, backend: str = "ddp") -> dict[str, Any]:
+    """Metadata as the loop records it (see trainer.resume.CheckpointMeta), for a save at ``step``."""
+    return {
+        "tokens": step * 64,
+        "skipped_steps": 0,
+        "sampler": {"epoch": 0, "position": step},
+        "backend": backend,
+        "tokenizer_vocab": 257,
+        "eos_id": 256,
+        "config": {},
+    }
+
+
+def save_checkpoint(root: Path, step: int, backend: Any, info: Any, keep: int = 3) -> Path:
+    """``checkpoint.save`` of ``backend`` as global step ``step`` under ``root``, as the loop calls it."""
+    import torch
+
+    from trainer import checkpoint
+
+    meter = {"loss_sum": torch.tensor(3.0 * step, dtype=torch.float64), "tokens": 64 * step, "steps": step}
+    return checkpoint.save(root, step, info, backend, checkpoint_meta(step), {"meter": meter}, keep)
+
+
+def tiny_trainer(config: Any, info: Any, run_dir: Path) -> Any:
+    """A Trainer of ``config`` as ``trainer.main`` builds one (data, seeded model, backend), recording into
+    ``run_dir`` on rank 0, with no checkpoint restored."""
+    import torch
+
+    from trainer.backends import build_backend
+    from trainer.data import build_data
+    from trainer.loop import Trainer
+    from trainer.models import build_model
+    from trainer.observe import Recorder
+
+    data = build_data(config, info)
+    torch.manual_seed(0)
+    model = build_model(config.model, tokenizer_vocab=data.vocab_size, eos_id=data.eos_id)
+    backend = build_backend(config, model, info)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorder = Recorder(
+        info.is_main, run_dir, {"run": {"name": "t"}}, config.logger, config.train.max_steps, 0
+    )
+    return Trainer(config, info, backend, data, config.lr_schedule, recorder, run_dir, {})

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic saves, finding the newest complete one, verified loads, and what resume restores.
+"""The checkpoint format: atomic saves, checksums, the ``latest`` pointer and pruning.
 
 Layout under ``run.dir/checkpoints/``::
 
@@ -13,7 +13,9 @@ Layout under ``run.dir/checkpoints/``::
 
 A save writes everything into the temporary folder, flushes it to disk, renames it into place and
 only then points ``latest`` at it, so a kill at any moment leaves the previous checkpoint whole.
-Loading uses ``torch.load(weights_only=True)``: a checkpoint can never execute code.
+Loading uses ``torch.load(weights_only=True)``: a checkpoint can never execute code. Which
+checkpoint a run starts from, the typed reader of ``meta.json`` and what a resume restores live in
+:mod:`trainer.resume`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import os
 import random
 import shutil
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +44,8 @@ PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 
 
-@dataclass(frozen=True)
-class Resumed:
-    """What a loaded checkpoint hands back to the loop."""
-
-    path: Path
-    meta: dict[str, Any]
-    rank_state: dict[str, Any]
-
-
 def step_of(path: Path) -> int:
+    """The global step of a ``step_<N>`` folder."""
     return int(path.name[len(PREFIX) :])
 
 
@@ -65,6 +58,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and flush it to disk before returning."""
     with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -72,6 +66,7 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 def torch_save_durably(obj: object, path: Path) -> None:
+    """``torch.save`` to ``path``, flushed to disk before returning."""
     with open(path, "wb") as handle:
         torch.save(obj, handle)
         handle.flush()
@@ -114,6 +109,7 @@ def checksum(path: Path) -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's python, numpy, torch (and CUDA) RNG states, as ``torch.load(weights_only=True)`` reads them."""
     version, mt, gauss = random.getstate()
     np_state: Any = np.random.get_state()
     state: dict[str, Any] = {
@@ -127,6 +123,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -176,61 +173,20 @@ def save(
     return final
 
 
-def problem(path: Path) -> str | None:
-    """Why a checkpoint cannot be used (missing, truncated, bad checksum), or None when it is whole."""
-    meta_path = path / META
-    if not meta_path.is_file():
-        return f"{META} is missing"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        return f"{META} is unreadable ({err})"
-    for name, digest in meta.get("files", {}).items():
+def verify(path: Path, files: dict[str, str]) -> str | None:
+    """Why a checkpoint's files are unusable (missing, truncated, corrupted), or None when all match.
+
+    Args:
+        path: a ``step_<N>`` folder.
+        files: its ``meta.json``'s checksums, by path relative to ``path``.
+    """
+    for name, digest in files.items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         if checksum(file) != digest:
             return f"{name} does not match its checksum (truncated or corrupted)"
     return None
-
-
-def choose(candidates: list[Path], info: DistInfo, explicit: bool) -> Path | None:
-    """Global rank 0 verifies the candidates newest first; every rank gets its choice."""
-    chosen: str | None = None
-    if info.is_main:
-        for path in candidates:
-            reason = problem(path)
-            if reason is None:
-                chosen = str(path)
-                break
-            if explicit:
-                chosen = f"!{path}: {reason}"
-                break
-            log.warning("checkpoint %s is unusable: %s; trying the previous one", path, reason)
-    chosen = distributed.broadcast_object(chosen, info)  # type: ignore[assignment]
-    if chosen is not None and chosen.startswith("!"):
-        from trainer.config import ConfigError
-
-        raise ConfigError(f"run.resume={chosen[1:]}")
-    return Path(chosen) if chosen else None
-
-
-def load(path: Path, info: DistInfo, backend: Any) -> Resumed:
-    """Restore the backend's model and optimizer and this rank's RNGs; hand back the rest."""
-    meta = json.loads((path / META).read_text())
-    backend.load(path, info)
-    rank_file = path / f"rank_{info.rank}.pt"
-    rank_state: dict[str, Any] = {}
-    if meta["world_size"] == info.world_size and rank_file.exists():
-        rank_state = torch.load(rank_file, weights_only=True, map_location="cpu")
-        set_rng_state(rank_state.pop("rng"))
-    else:
-        log.warning(
-            "resuming a %d-rank checkpoint on %d ranks: data order continues, per-rank RNG streams restart",
-            meta["world_size"],
-            info.world_size,
-        )
-    return Resumed(path, meta, rank_state)
 
 
 def remove_partial_saves(root: Path) -> None:
@@ -242,39 +198,3 @@ def remove_partial_saves(root: Path) -> None:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-
-
-MATH_KEYS = ("model.", "optim.", "schedule.", "data.", "train.")
-NOT_MATH = {
-    "data.cache_dir",
-    "data.num_proc",
-    "data.streaming",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_steps",
-    "train.ckpt_every",
-    "train.keep_checkpoints",
-    "train.threads",
-    "train.on_nan",
-    "train.compile",
-}
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys that change the math between a checkpoint's config and the current one, as 'key: old -> new'."""
-    old, new = _flatten(saved), _flatten(current)
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        if key.startswith(MATH_KEYS) and key not in NOT_MATH and old.get(key) != new.get(key):
-            changed.append(f"{key}: {old.get(key)} -> {new.get(key)}")
-    return changed

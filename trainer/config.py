@@ -1,406 +1,653 @@
-"""Typed configuration: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+"""Typed configuration: the root :class:`Config`, one schema per Hydra group, and :func:`compose`.
 
 Every YAML under ``conf/<group>/`` extends one of these schemas through its defaults list, so an
-unknown key or a value of the wrong type fails while Hydra composes the config, before anything runs.
-Checks that span several keys (a warmup longer than the run, an impossible batch) live in
-:func:`validate` and raise :class:`ConfigError` with the key to change and how.
+unknown key or a value of the wrong type fails while Hydra composes the config, before anything
+runs. Each schema checks its own keys (``check()``); :meth:`Config.check` adds the checks that span
+groups. Every key is declared with :func:`trainer.schema.setting`: its docstring below the field
+is its documentation (the README's key table is generated from it, ``python -m trainer.keys``),
+and its metadata says whether changing it on resume changes the math.
+
+This module imports no torch and no implementation module: composing any configuration (every
+schedule, ``backend=deepspeed``) loads Hydra, OmegaConf, these schemas and the schedule registry
+(:mod:`trainer.schedules`, whose classes are the schedule group's schemas) only.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, is_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from trainer.errors import ConfigError
+from trainer.schedules import SCHEDULES, Schedule, ScheduleConfig, build_schedule
+from trainer.schema import MISSING, changes_math, setting
+
+if typing.TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
-class ConfigError(ValueError):
-    """A configuration a run cannot start with. The message names the key and the fix."""
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _at_least(group: str, node: object, keys: Sequence[str], minimum: int) -> None:
+    for key in keys:
+        value = getattr(node, key)
+        _require(value >= minimum, f"{group}.{key}={value} must be at least {minimum}")
 
 
 class Precision(str, Enum):
+    """Numeric precision of the forward pass."""
+
     fp32 = "fp32"
     bf16 = "bf16"
 
 
 class OnNan(str, Enum):
+    """What a non-finite gradient norm does."""
+
     halt = "halt"
     skip = "skip"
 
 
 class ResumeMode(str, Enum):
+    """The two words ``run.resume`` takes besides a checkpoint path."""
+
     auto = "auto"
     never = "never"
 
 
 class Offload(str, Enum):
+    """Where DeepSpeed keeps offloaded state."""
+
     none = "none"
     cpu = "cpu"
 
 
 @dataclass
 class RunConfig:
-    name: str = "${model.name}"
+    """Where a run writes, and where it starts from."""
+
+    name: str = setting("${model.name}", math=False)
     """Run name: the run folder's name and the wandb run's name."""
-    dir: str = "outputs/${run.name}"
+    dir: str = setting("outputs/${run.name}", math=False)
     """Run folder. Only global rank 0 writes into it."""
-    resume: str = "auto"
-    """auto: continue the newest complete checkpoint in run.dir; never: refuse an existing run.dir; or a
-    checkpoint PATH."""
+    resume: str = setting(ResumeMode.auto.value, math=False)
+    """auto: continue the newest complete checkpoint in run.dir; never: refuse a run.dir that holds a run;
+    or a checkpoint PATH (a checkpoints/step_<N> folder)."""
+
+    def check(self) -> None:
+        """Raises ConfigError: ``run.resume`` is neither a mode nor an existing path."""
+        _require(
+            self.resume in (ResumeMode.auto.value, ResumeMode.never.value) or os.path.exists(self.resume),
+            f"run.resume={self.resume} is neither auto, never nor an existing checkpoint path; "
+            "point it at a checkpoints/step_<N> folder",
+        )
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
+    """The run's length, batch, cadences and numerics."""
+
+    max_steps: int = setting(300, math=True)
     """Total optimizer steps. The global step runs 1..max_steps."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = setting(8, math=True)
     """Sequences per rank per forward pass."""
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = setting(1, math=True)
     """Micro-batches per optimizer step. Never changes the global step."""
-    seq_len: int = 256
+    seq_len: int = setting(256, math=True)
     """Tokens per sequence (the model sees seq_len inputs and predicts seq_len targets)."""
-    seed: int = 1337
+    seed: int = setting(1337, math=True)
     """Seeds model initialisation, data order and every random number generator."""
-    log_every: int = 10
+    log_every: int = setting(10, math=False)
     """Reduce and log metrics every N optimizer steps, and at the first and the last step."""
-    eval_every: int = 100
+    eval_every: int = setting(100, math=False)
     """Evaluate on the validation slice every N steps and at the end; 0 disables evaluation."""
-    eval_steps: int = 10
+    eval_steps: int = setting(10, math=False)
     """Validation micro-batches per rank in one evaluation."""
-    ckpt_every: int = 0
+    ckpt_every: int = setting(0, math=False)
     """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = setting(3, math=False)
     """Keep the newest N checkpoints; older ones are deleted once a newer one is complete."""
-    on_nan: OnNan = OnNan.halt
-    """Non-finite gradient norm: halt (stop before the optimizer step, weights untouched) or skip
+    on_nan: OnNan = setting(OnNan.halt, math=False)
+    """Non-finite gradient norm: halt (stop before the optimizer step, weights untouched, exit 3) or skip
     (drop the update, count it, do not advance the global step or the schedule)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = setting(1.0, math=True)
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
-    precision: Precision = Precision.fp32
-    """fp32, or bf16 autocast for the forward pass (weights and optimizer state stay fp32)."""
-    compile: bool = False
+    precision: Precision = setting(Precision.fp32, math=True)
+    """fp32, or bf16 (autocast of the forward pass with DDP; weights and optimizer state stay fp32)."""
+    compile: bool = setting(False, math=False)
     """Compile the model with torch.compile."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = setting(False, math=False)
     """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
-    threads: int | None = None
+    threads: int | None = setting(None, math=False)
     """Intra-op threads per rank; default: the machine's cores divided by the ranks on this node."""
+
+    def check(self) -> None:
+        """Raises ConfigError: a count below its minimum, naming the key."""
+        _at_least(
+            "train", self, ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_every"), 1
+        )
+        _at_least("train", self, ("keep_checkpoints",), 1)
+        _at_least("train", self, ("eval_every", "eval_steps", "ckpt_every"), 0)
+        _require(
+            self.eval_every == 0 or self.eval_steps >= 1,
+            "train.eval_steps must be at least 1 when train.eval_every > 0 (set train.eval_every=0 to skip "
+            "evaluation)",
+        )
+        _require(
+            self.max_grad_norm >= 0,
+            f"train.max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping)",
+        )
+        _require(
+            self.threads is None or self.threads >= 1, f"train.threads={self.threads} must be at least 1"
+        )
 
 
 @dataclass
 class ModelConfig:
     """A causal language model built with transformers from a config; nothing is downloaded."""
 
-    name: str = MISSING
+    name: str = setting(MISSING, math=True)
     """Preset name, used in the default run name."""
-    arch: str = MISSING
-    """transformers model type: gpt2 or llama (any AutoModelForCausalLM type works through `extra`)."""
-    hidden_size: int = MISSING
-    num_layers: int = MISSING
-    num_heads: int = MISSING
-    num_kv_heads: int | None = None
+    arch: str = setting(MISSING, math=True)
+    """transformers model type: gpt2 or llama (any AutoModelForCausalLM type works through model.extra)."""
+    hidden_size: int = setting(MISSING, math=True)
+    """Width of the residual stream."""
+    num_layers: int = setting(MISSING, math=True)
+    """Transformer blocks."""
+    num_heads: int = setting(MISSING, math=True)
+    """Attention (query) heads; must divide hidden_size."""
+    num_kv_heads: int | None = setting(None, math=True)
     """Key/value heads for grouped-query attention (llama); default: num_heads."""
-    intermediate_size: int | None = None
-    """MLP width; default: the architecture's own (4 x hidden for gpt2)."""
-    max_position_embeddings: int = 1024
-    vocab_size: int | None = None
+    intermediate_size: int | None = setting(None, math=True)
+    """MLP width; default: the architecture's own (4 x hidden_size for gpt2)."""
+    max_position_embeddings: int = setting(1024, math=True)
+    """Longest sequence the model takes; train.seq_len must fit."""
+    vocab_size: int | None = setting(None, math=True)
     """Default: the tokenizer's vocabulary, padded up to a multiple of 64."""
-    tie_word_embeddings: bool = True
-    dropout: float = 0.0
-    rope_theta: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    tie_word_embeddings: bool = setting(True, math=True)
+    """Share the input embeddings with the output layer."""
+    dropout: float = setting(0.0, math=True)
+    """Dropout probability everywhere the architecture has dropout."""
+    rope_theta: float | None = setting(None, math=True)
+    """RoPE base (llama); default: the architecture's own."""
+    extra: dict[str, Any] = setting(factory=dict, math=True)
     """Further keyword arguments for the transformers config, passed as they are."""
+
+    def check(self) -> None:
+        """Raises ConfigError: a size below 1, heads that do not divide the width, a bad dropout."""
+        _at_least("model", self, ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"), 1)
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}",
+        )
+        _require(
+            self.num_kv_heads is None or (self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0),
+            f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}",
+        )
+        _require(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
 
 
 @dataclass
 class DataConfig:
     """Keys every data source shares; pick the source with ``data=<source>``."""
 
-    source: str = MISSING
+    source: str = setting(MISSING, math=True)
     """builtin (the Python standard library's sources), text (local files) or hf (datasets.load_dataset)."""
-    tokenizer: str = "bytes"
+    tokenizer: str = setting("bytes", math=True)
     """bytes (byte-level, no training); a tokenizer.json path; a transformers tokenizer name or folder
     (AutoTokenizer); or train (a byte-level BPE of data.vocab_size trained on the training documents)."""
-    vocab_size: int = 8192
+    vocab_size: int = setting(8192, math=True)
     """Vocabulary of the BPE that data.tokenizer=train learns, its end-of-document token included."""
-    eos_token: str | None = None
+    eos_token: str | None = setting(None, math=True)
     """End-of-document token of a tokenizer.json or AutoTokenizer; default: the tokenizer's eos_token,
     else the first of <|endoftext|>, </s>, <eos>, <|end_of_text|> that its vocabulary holds."""
-    val_fraction: float = 0.01
-    """Share of documents held out for validation (chosen by a hash of each document's id)."""
-    num_proc: int = 1
+    val_fraction: float = setting(0.01, math=True)
+    """Share of documents held out for validation (chosen by a hash of each document's text)."""
+    num_proc: int = setting(1, math=False)
     """Processes that tokenize. One is enough on a few cores: Rust tokenizers use every core inside it;
     on many cores more processes keep its Python side (reading, collecting ids) from holding them back."""
-    cache_dir: str | None = None
+    cache_dir: str | None = setting(None, math=False)
     """Where tokenized data is cached; default: $RAMP_CACHE_DIR, else ~/.cache/ramp."""
+
+    def check(self) -> None:
+        """Value checks only: a missing file or a tokenizer that cannot load fail when the data is built.
+
+        Raises:
+            ConfigError: an empty tokenizer, a vocabulary too small to train, a bad fraction or count.
+        """
+        _require(0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        _require(
+            bool(self.tokenizer), "data.tokenizer is empty; use bytes, train, a tokenizer.json path or a name"
+        )
+        _require(
+            self.tokenizer != "train" or 258 <= self.vocab_size < 2**32,
+            f"data.vocab_size={self.vocab_size} must be at least 258 (256 bytes, the end-of-document token and "
+            "one merge) for data.tokenizer=train",
+        )
+        _require(self.num_proc >= 1, f"data.num_proc={self.num_proc} must be at least 1")
+
+
+def _check_files(files: Any) -> None:
+    _require(
+        files is None
+        or isinstance(files, str)
+        or (isinstance(files, list) and all(isinstance(f, str) for f in files)),
+        f"data.files={files} must be a path or glob, or a list of them, e.g. data.files=[corpus/*.txt]",
+    )
 
 
 @dataclass
 class BuiltinData(DataConfig):
-    source: str = "builtin"
+    """The Python standard library's ``.py`` sources: on every Python install, nothing to download."""
+
+    source: str = setting("builtin", math=True)
+    """Selected with data=builtin."""
 
 
 @dataclass
 class TextData(DataConfig):
-    source: str = "text"
+    """Your own files: ``.txt``, ``.jsonl`` / ``.json`` and ``.parquet``."""
+
+    source: str = setting("text", math=True)
+    """Selected with data=text."""
     # Any, not list[str]: a single path or glob is the common case, and OmegaConf cannot type a
-    # union of a string and a list. validate() checks the value.
-    files: Any = None
+    # union of a string and a list. check() checks the value.
+    files: Any = setting(None, math=True)
     """A path, a glob or a folder, or a list of them: .txt (one document per file), .jsonl / .json and
     .parquet (one document per record)."""
-    text_field: str = "text"
+    text_field: str = setting("text", math=True)
     """The field holding a record's text in .jsonl, .json and .parquet files."""
+
+    def check(self) -> None:
+        """As :meth:`DataConfig.check`, and ``data.files`` must be a path or a list of paths."""
+        super().check()
+        _check_files(self.files)
 
 
 @dataclass
 class HFData(DataConfig):
-    source: str = "hf"
-    path: str | None = None
+    """Any dataset ``datasets.load_dataset`` (or ``load_from_disk``) reads."""
+
+    source: str = setting("hf", math=True)
+    """Selected with data=hf."""
+    path: str | None = setting(None, math=True)
     """A hub dataset name, a local data folder, a save_to_disk folder, or a builder (json, parquet, text,
     csv, arrow) that reads data.files."""
-    name: str | None = None
+    name: str | None = setting(None, math=True)
     """The dataset's configuration name (load_dataset's second argument)."""
-    split: str = "train"
+    split: str = setting("train", math=True)
     """The split to train on; the validation documents are held out from it."""
-    files: Any = None
+    files: Any = setting(None, math=True)
     """data_files for a builder: a path or glob, or a list of them."""
-    text_field: str = "text"
+    text_field: str = setting("text", math=True)
     """The column holding a record's text."""
-    streaming: bool = False
+    streaming: bool = setting(False, math=False)
     """Stream the dataset instead of downloading it whole before tokenizing."""
 
+    def check(self) -> None:
+        """As :meth:`DataConfig.check`, and ``data.files`` must be a path or a list of paths."""
+        super().check()
+        _check_files(self.files)
 
-DATA_SCHEMAS: dict[str, type[DataConfig]] = {
+
+DATA_SOURCES: dict[str, type[DataConfig]] = {
     schema.source: schema for schema in (BuiltinData, TextData, HFData)
 }
-
-
-@dataclass
-class ScheduleConfig:
-    """LR multiplier as a function of the global step; names and formulas follow transformers.get_scheduler."""
-
-    name: str = MISSING
-    warmup_steps: int | None = None
-    """Linear warmup length in optimizer steps; wins over warmup_ratio when set."""
-    warmup_ratio: float | None = None
-    """Warmup length as a fraction of train.max_steps (rounded up)."""
-
-
-@dataclass
-class ConstantSchedule(ScheduleConfig):
-    name: str = "constant"
-
-
-@dataclass
-class ConstantWithWarmupSchedule(ScheduleConfig):
-    name: str = "constant_with_warmup"
-
-
-@dataclass
-class LinearSchedule(ScheduleConfig):
-    name: str = "linear"
-
-
-@dataclass
-class CosineSchedule(ScheduleConfig):
-    name: str = "cosine"
-    num_cycles: float = 0.5
-    """Cosine waves over the decay; 0.5 is one half-wave from peak to 0."""
-
-
-@dataclass
-class CosineWithRestartsSchedule(ScheduleConfig):
-    name: str = "cosine_with_restarts"
-    num_cycles: int = 1
-    """Hard restarts: the decay is split into this many half-cosines."""
-
-
-@dataclass
-class PolynomialSchedule(ScheduleConfig):
-    name: str = "polynomial"
-    lr_end: float = 1e-7
-    """Absolute LR reached at train.max_steps; must be below optim.lr."""
-    power: float = 1.0
-
-
-@dataclass
-class InverseSqrtSchedule(ScheduleConfig):
-    name: str = "inverse_sqrt"
-    timescale: int | None = None
-    """Default: the warmup length, or 10000 without warmup."""
-
-
-@dataclass
-class CosineWithMinLRSchedule(ScheduleConfig):
-    name: str = "cosine_with_min_lr"
-    num_cycles: float = 0.5
-    min_lr: float | None = None
-    """Absolute floor of the cosine; wins over min_lr_rate when set."""
-    min_lr_rate: float | None = None
-    """Floor as a fraction of optim.lr."""
-
-
-@dataclass
-class CosineWarmupWithMinLRSchedule(CosineWithMinLRSchedule):
-    name: str = "cosine_warmup_with_min_lr"
-    warmup_lr_rate: float | None = None
-    """First warmup step's LR as a fraction of optim.lr; default 1/warmup_steps."""
-
-
-@dataclass
-class WarmupStableDecaySchedule(ScheduleConfig):
-    name: str = "warmup_stable_decay"
-    num_decay_steps: int | None = None
-    """Decay length in steps; wins over decay_ratio when set."""
-    decay_ratio: float | None = None
-    """Decay length as a fraction of train.max_steps (rounded up)."""
-    num_stable_steps: int | None = None
-    """Default: what warmup and decay leave of train.max_steps."""
-    warmup_type: str = "linear"
-    """linear, cosine or 1-sqrt."""
-    decay_type: str = "cosine"
-    """linear, cosine or 1-sqrt."""
-    min_lr_ratio: float = 0.0
-    num_cycles: float = 0.5
-
-
-SCHEDULE_SCHEMAS: dict[str, type[ScheduleConfig]] = {
-    schema.name: schema
-    for schema in (
-        ConstantSchedule,
-        ConstantWithWarmupSchedule,
-        LinearSchedule,
-        CosineSchedule,
-        CosineWithRestartsSchedule,
-        PolynomialSchedule,
-        InverseSqrtSchedule,
-        CosineWithMinLRSchedule,
-        CosineWarmupWithMinLRSchedule,
-        WarmupStableDecaySchedule,
-    )
-}
+"""Every data schema by its ``data.source``."""
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 6e-4
+    """AdamW, the one optimizer."""
+
+    name: str = setting("adamw", math=True)
+    """The optimizer: adamw."""
+    lr: float = setting(6e-4, math=True)
     """Peak learning rate; the schedule multiplies it."""
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    no_decay: list[str] = field(default_factory=lambda: ["*.bias", "*norm*", "*ln_*"])
+    weight_decay: float = setting(0.1, math=True)
+    """Decoupled weight decay (AdamW) of the parameters not matched by no_decay."""
+    betas: list[float] = setting(factory=lambda: [0.9, 0.95], math=True)
+    """AdamW's two moment decay rates."""
+    eps: float = setting(1e-8, math=True)
+    """AdamW's epsilon."""
+    no_decay: list[str] = setting(factory=lambda: ["*.bias", "*norm*", "*ln_*"], math=True)
     """Parameter-name glob patterns excluded from weight decay (biases and norm weights)."""
-    fused: bool | None = None
+    fused: bool | None = setting(None, math=True)
     """Fused AdamW kernel; default: on for CUDA."""
+
+    def check(self) -> None:
+        """Raises ConfigError: an unknown optimizer or a number out of range, naming the key."""
+        _require(self.name == "adamw", f"optim.name={self.name} is not supported; use optim=adamw")
+        _require(self.lr > 0, f"optim.lr={self.lr} must be > 0 (it is the peak learning rate)")
+        _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.95]",
+        )
+        _require(self.eps > 0, f"optim.eps={self.eps} must be > 0")
 
 
 @dataclass
 class BackendConfig:
-    name: str = MISSING
+    """Who wraps the model and owns backward and the optimizer step; pick it with ``backend=<name>``."""
+
+    name: str = setting(MISSING, math=False)
+    """ddp or deepspeed; pick it with backend=<name>."""
+
+    def check(self, cfg: Config) -> None:
+        """The backend's own keys, and what it cannot do with the rest of ``cfg``.
+
+        Raises:
+            ConfigError: naming the key and the fix.
+        """
 
 
 @dataclass
 class DDPBackend(BackendConfig):
-    name: str = "ddp"
-    bucket_cap_mb: int = 25
-    find_unused_parameters: bool = False
+    """PyTorch DistributedDataParallel (gloo on CPU, nccl on GPU); a single process needs no wrapper."""
+
+    name: str = setting("ddp", math=False)
+    """Selected with backend=ddp."""
+    bucket_cap_mb: int = setting(25, math=False)
+    """DDP's gradient bucket size in MiB."""
+    find_unused_parameters: bool = setting(False, math=False)
+    """DDP's search for parameters without a gradient (models with unused parameters)."""
+
+    def check(self, cfg: Config) -> None:
+        """Raises ConfigError: a bucket size below 1."""
+        _require(self.bucket_cap_mb >= 1, f"backend.bucket_cap_mb={self.bucket_cap_mb} must be at least 1")
+
+
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x ranks",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.max_grad_norm",
+    "bf16": "train.precision",
+    "bfloat16": "train.precision",
+    "torch_autocast": "train.precision",
+    "amp": "train.precision",
+    "optimizer": "optim.*",
+    "scheduler": "schedule.* (ramp's schedule is the only one that sets the LR)",
+    "zero_optimization.stage": "backend.zero_stage",
+    "zero_optimization.offload_optimizer": "backend.offload_optimizer",
+    "zero_optimization.offload_param": "backend.offload_params",
+    "zero_optimization.cpu_offload": "backend.offload_optimizer",
+    "zero_optimization.cpu_offload_params": "backend.offload_params",
+    "zero_optimization.compute_grad_norm": "train.on_nan (the norm decides whether an update is applied)",
+}
+"""DeepSpeed config keys ramp sets from its own keys: one source of truth, so backend.extra may not set them."""
+
+
+def flat_keys(tree: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    """Every key of a nested dict as a dotted path, parents before their children."""
+    for key, value in tree.items():
+        yield f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from flat_keys(value, f"{prefix}{key}.")
 
 
 @dataclass
 class DeepSpeedBackend(BackendConfig):
-    """DeepSpeed's engine. Batch sizes, accumulation, clipping and precision come from train.*."""
+    """DeepSpeed's engine. Batch sizes, accumulation, clipping and precision come from ``train.*``."""
 
-    name: str = "deepspeed"
-    zero_stage: int = 2
+    name: str = setting("deepspeed", math=False)
+    """Selected with backend=deepspeed."""
+    zero_stage: int = setting(2, math=False)
     """0: plain data parallel through the engine; 1: shard optimizer state; 2: also gradients; 3: also
     parameters."""
-    offload_optimizer: Offload = Offload.none
+    offload_optimizer: Offload = setting(Offload.none, math=False)
     """cpu: keep optimizer state and the update on the CPU (ZeRO 1-3; DeepSpeed's CPU Adam)."""
-    offload_params: Offload = Offload.none
+    offload_params: Offload = setting(Offload.none, math=False)
     """cpu: keep parameters on the CPU between uses (ZeRO 3 only)."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = setting(factory=dict, math=False)
     """Further DeepSpeed config keys, merged in as they are; a key ramp sets from its own keys is refused."""
+
+    def fp16(self) -> bool:
+        """Whether ``backend.extra`` turns DeepSpeed's fp16 mode on."""
+        fp16 = self.extra.get("fp16")
+        return isinstance(fp16, dict) and bool(fp16.get("enabled", False))
+
+    def check(self, cfg: Config) -> None:
+        """Refuse what DeepSpeed would refuse later, or what would set one thing in two places.
+
+        fp16 on a machine without a GPU is refused when the engine is built (it needs the device).
+
+        Raises:
+            ConfigError: naming the key and the fix.
+        """
+        _require(
+            self.zero_stage in (0, 1, 2, 3), f"backend.zero_stage={self.zero_stage} must be 0, 1, 2 or 3"
+        )
+        _require(
+            self.offload_params == Offload.none or self.zero_stage == 3,
+            f"backend.offload_params={self.offload_params.value} needs ZeRO 3 (only it partitions parameters); "
+            "set backend.zero_stage=3 or backend.offload_params=none",
+        )
+        _require(
+            self.offload_optimizer == Offload.none or self.zero_stage != 0,
+            f"backend.offload_optimizer={self.offload_optimizer.value} needs ZeRO 1, 2 or 3; "
+            "set backend.zero_stage=1 (or higher) or backend.offload_optimizer=none",
+        )
+        _require(
+            not cfg.train.compile,
+            "train.compile=true is not supported with backend=deepspeed; set train.compile=false",
+        )
+        for key in flat_keys(dict(self.extra)):
+            _require(
+                key not in DEEPSPEED_OWNED_KEYS,
+                f"backend.extra.{key} is set by ramp from {DEEPSPEED_OWNED_KEYS.get(key)}; remove it from "
+                "backend.extra and set that instead",
+            )
+        if self.fp16():
+            self._check_fp16(cfg.train)
+
+    @staticmethod
+    def _check_fp16(train: TrainConfig) -> None:
+        _require(
+            train.precision == Precision.fp32,
+            f"backend.extra.fp16.enabled=true conflicts with train.precision={train.precision.value}; "
+            "set train.precision=fp32 to train in fp16",
+        )
+        _require(
+            train.on_nan != OnNan.halt,
+            "backend.extra.fp16.enabled=true with train.on_nan=halt: fp16's dynamic loss scaling overflows "
+            "and skips steps by design while it calibrates; set train.on_nan=skip (fp16 needs a GPU: "
+            "DeepSpeed has none on the CPU)",
+        )
+
+
+BACKENDS: dict[str, type[BackendConfig]] = {schema.name: schema for schema in (DDPBackend, DeepSpeedBackend)}
+"""Every backend schema by its ``backend.name``."""
+
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"
+    """One wandb run per job, created by global rank 0."""
+
+    mode: str = setting("offline", math=False)
     """offline (written under run.dir, upload later with `wandb sync`), online, or disabled."""
-    project: str = "ramp"
-    entity: str | None = None
-    name: str | None = None
-    """Default: run.name."""
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    project: str = setting("ramp", math=False)
+    """wandb project."""
+    entity: str | None = setting(None, math=False)
+    """wandb entity (user or team); default: the account's own."""
+    name: str | None = setting(None, math=False)
+    """wandb run name; default: run.name."""
+    group: str | None = setting(None, math=False)
+    """wandb group."""
+    tags: list[str] = setting(factory=list, math=False)
+    """wandb tags."""
 
 
 @dataclass
 class LoggerConfig:
-    name: str = MISSING
-    progress: str = "auto"
+    """Where metrics go: the console and metrics.jsonl always, wandb and tensorboard by choice."""
+
+    progress: str = setting("auto", math=False)
     """auto: a progress bar in an interactive terminal, else one line per log step; bar; lines; off."""
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    tensorboard: bool = False
+    wandb: WandbConfig = setting(factory=WandbConfig, math=False)
+    """The wandb settings (logger.wandb.*)."""
+    tensorboard: bool = setting(False, math=False)
     """Also write tensorboard event files under run.dir/tensorboard (metrics.jsonl is always written)."""
-    peak_flops: float | None = None
+    peak_flops: float | None = setting(None, math=False)
     """Peak FLOP/s of one device, for MFU; default: the bf16 dense peak of a known GPU (A100, H100,
     H200), and no MFU where none is known (a CPU)."""
+
+    def check(self) -> None:
+        """Raises ConfigError: an unknown mode, or a peak that is not positive."""
+        _require(
+            self.progress in PROGRESS_MODES,
+            f"logger.progress={self.progress} must be auto, bar, lines or off",
+        )
+        _require(
+            self.peak_flops is None or self.peak_flops > 0,
+            f"logger.peak_flops={self.peak_flops} must be > 0 (FLOP/s of one device, e.g. 989e12), or null",
+        )
+        _require(
+            self.wandb.mode in WANDB_MODES,
+            f"logger.wandb.mode={self.wandb.mode} must be offline, online or disabled",
+        )
 
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    model: ModelConfig = MISSING
-    data: DataConfig = MISSING
-    schedule: ScheduleConfig = MISSING
-    optim: OptimConfig = MISSING
-    backend: BackendConfig = MISSING
-    logger: LoggerConfig = MISSING
+    """The whole run: one node per group. Built by :func:`compose` (or :func:`to_config`), checked."""
+
+    run: RunConfig = setting(factory=RunConfig, math=False)
+    """Where the run writes and starts from (run.*)."""
+    train: TrainConfig = setting(factory=TrainConfig, math=True)
+    """Length, batch, cadences and numerics (train.*)."""
+    model: ModelConfig = setting(MISSING, math=True)
+    """The model preset (model=<preset>) and its keys."""
+    data: DataConfig = setting(MISSING, math=True)
+    """The data source (data=<source>) and its keys."""
+    schedule: ScheduleConfig = setting(MISSING, math=True)
+    """The LR schedule (schedule=<name>) and its keys."""
+    optim: OptimConfig = setting(MISSING, math=True)
+    """The optimizer and its keys."""
+    backend: BackendConfig = setting(MISSING, math=False)
+    """The backend (backend=<name>) and its keys."""
+    logger: LoggerConfig = setting(MISSING, math=False)
+    """The metric sinks (logger=<preset>) and their keys."""
+
+    def check(self) -> None:
+        """Every group's own checks, then the checks across groups, each naming the key to change.
+
+        Raises:
+            ConfigError: the first problem found.
+        """
+        self.run.check()
+        self.train.check()
+        self.model.check()
+        self.data.check()
+        self.optim.check()
+        self.logger.check()
+        _require(
+            self.train.seq_len <= self.model.max_position_embeddings,
+            f"train.seq_len={self.train.seq_len} exceeds model.max_position_embeddings="
+            f"{self.model.max_position_embeddings}; lower train.seq_len or raise model.max_position_embeddings",
+        )
+        self.backend.check(self)
+        _ = self.lr_schedule  # the schedule's own checks need train.max_steps and optim.lr
+
+    @functools.cached_property
+    def lr_schedule(self) -> Schedule:
+        """The resolved LR schedule: built (and checked) once, when the config is checked."""
+        return build_schedule(self.schedule, max_steps=self.train.max_steps, peak_lr=self.optim.lr)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (enums as their values): what config.yaml and checkpoints record."""
+        from omegaconf import OmegaConf
+
+        tree = OmegaConf.to_container(OmegaConf.structured(self), enum_to_str=True)
+        assert isinstance(tree, dict)
+        return tree  # type: ignore[return-value]
+
+
+GROUP_SCHEMAS: dict[str, dict[str, type[Any]]] = {
+    "data": dict(DATA_SOURCES),
+    "schedule": dict(SCHEDULES),
+    "backend": dict(BACKENDS),
+}
+"""The groups whose schema depends on the option: data by ``source``, schedule and backend by ``name``."""
+
+
+def schema_of(group: str, node: dict[str, Any]) -> type[Any]:
+    """The schema class of one group of a config tree, picked by its option for data, schedule, backend."""
+    options = GROUP_SCHEMAS.get(group)
+    if options is None:
+        return typing.get_type_hints(Config)[group]
+    return options.get(str(node.get("source" if group == "data" else "name")), next(iter(options.values())))
+
+
+def declared_keys(schema: type[Any], prefix: str) -> Iterator[tuple[str, Any]]:
+    """``(dotted key, field)`` of every key a schema declares, nested schemas (logger.wandb) expanded."""
+    hints = typing.get_type_hints(schema)
+    for declared in fields(schema):
+        kind = hints[declared.name]
+        if is_dataclass(kind):
+            yield from declared_keys(kind, f"{prefix}{declared.name}.")  # type: ignore[arg-type]
+        else:
+            yield f"{prefix}{declared.name}", declared
+
+
+def math_keys(tree: dict[str, Any]) -> dict[str, bool]:
+    """Whether each key of a resolved config tree changes the math on resume, from the schemas' metadata."""
+    facts: dict[str, bool] = {}
+    for group, node in tree.items():
+        if isinstance(node, dict) and group in typing.get_type_hints(Config):
+            schema = schema_of(group, node)
+            facts.update({key: changes_math(f) for key, f in declared_keys(schema, f"{group}.")})
+    return facts
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: ``trainer/conf`` inside an installed wheel, else the checkout's ``conf/``."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
 
 
 def register_configs() -> None:
-    """Register every schema, so each YAML can name its own in its defaults list."""
+    """Register every schema in Hydra's ConfigStore, so each YAML can name its own in its defaults list."""
+    from hydra.core.config_store import ConfigStore
+
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     store.store(group="model", name="model_schema", node=ModelConfig)
-    for source, data_schema in DATA_SCHEMAS.items():
-        store.store(group="data", name=f"{source}_schema", node=data_schema)
     store.store(group="optim", name="optim_schema", node=OptimConfig)
-    store.store(group="backend", name="ddp_schema", node=DDPBackend)
-    store.store(group="backend", name="deepspeed_schema", node=DeepSpeedBackend)
     store.store(group="logger", name="logger_schema", node=LoggerConfig)
-    for name, schema in SCHEDULE_SCHEMAS.items():
-        store.store(group="schedule", name=f"{name}_schema", node=schema)
+    for group, options in GROUP_SCHEMAS.items():
+        for option, schema in options.items():
+            store.store(group=group, name=f"{option}_schema", node=schema)
 
 
 def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
     """Hydra lets ``+key=value`` add keys to a typed node; ramp accepts only the keys its schemas declare."""
+    from omegaconf import DictConfig, OmegaConf
+
     schema = OmegaConf.get_type(node)
     known = {f.name for f in fields(schema)} if schema is not None and is_dataclass(schema) else None
+    if known is None:
+        return
     for key in map(str, node):
-        if known is not None and key not in known:
-            raise ConfigError(
-                f"{prefix}{key} is not a ramp setting; remove it or check its spelling in the README's key table"
-            )
+        _require(
+            key in known,
+            f"{prefix}{key} is not a ramp setting; remove it or check its spelling in the README's key table",
+        )
         child = node._get_node(key)
-        if isinstance(child, DictConfig) and known is not None:
+        if isinstance(child, DictConfig):
             _reject_unknown_keys(child, f"{prefix}{key}.")
-
-
-def to_config(cfg: DictConfig) -> Config:
-    """Turn a composed DictConfig into typed objects, resolving interpolations, then validate."""
-    _reject_unknown_keys(cfg)
-    try:
-        config = OmegaConf.to_object(cfg)
-    except Exception as err:  # omegaconf reports a missing value or a bad interpolation
-        raise ConfigError(_omegaconf_message(err)) from None
-    assert isinstance(config, Config)
-    validate(config)
-    return config
 
 
 def _omegaconf_message(err: Exception) -> str:
@@ -411,97 +658,54 @@ def _omegaconf_message(err: Exception) -> str:
     return text
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+def to_config(dcfg: DictConfig) -> Config:
+    """A composed DictConfig as a typed, checked :class:`Config` (interpolations resolved).
+
+    Raises:
+        ConfigError: an unknown key, a missing value, a bad interpolation or a failed check.
+    """
+    from omegaconf import OmegaConf
+
+    _reject_unknown_keys(dcfg)
+    try:
+        config = OmegaConf.to_object(dcfg)
+    except Exception as err:  # omegaconf reports a missing value or a bad interpolation
+        raise ConfigError(_omegaconf_message(err)) from None
+    assert isinstance(config, Config)
+    config.check()
+    return config
 
 
-def validate(cfg: Config) -> None:
-    """Checks across keys, with the fix named. Schedule numbers are checked by the schedule itself."""
-    from trainer.schedules import build_schedule
+def compose(overrides: Sequence[str] = ()) -> Config:
+    """The typed, checked config that ``trainer.main`` runs with these Hydra overrides.
 
-    t = cfg.train
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_every"):
-        value = getattr(t, key)
-        _require(value >= 1, f"train.{key}={value} must be at least 1")
-    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be at least 1")
-    for key in ("eval_every", "eval_steps", "ckpt_every"):
-        value = getattr(t, key)
-        _require(value >= 0, f"train.{key}={value} must be 0 or more")
-    _require(
-        t.eval_every == 0 or t.eval_steps >= 1,
-        "train.eval_steps must be at least 1 when train.eval_every > 0 (set train.eval_every=0 to skip evaluation)",
-    )
-    _require(
-        t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)"
-    )
-    _require(t.threads is None or t.threads >= 1, f"train.threads={t.threads} must be at least 1")
-    o = cfg.optim
-    _require(o.name == "adamw", f"optim.name={o.name} is not supported; use optim=adamw")
-    _require(o.lr > 0, f"optim.lr={o.lr} must be > 0 (it is the peak learning rate)")
-    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
-    _require(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        f"optim.betas={list(o.betas)} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.95]",
-    )
-    _require(o.eps > 0, f"optim.eps={o.eps} must be > 0")
-    m = cfg.model
-    for key in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
-        value = getattr(m, key)
-        _require(value >= 1, f"model.{key}={value} must be at least 1")
-    _require(
-        m.hidden_size % m.num_heads == 0,
-        f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}",
-    )
-    _require(
-        m.num_kv_heads is None or (m.num_kv_heads >= 1 and m.num_heads % m.num_kv_heads == 0),
-        f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}",
-    )
-    _require(
-        t.seq_len <= m.max_position_embeddings,
-        f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
-        "lower train.seq_len or raise model.max_position_embeddings",
-    )
-    _require(0 <= m.dropout < 1, f"model.dropout={m.dropout} must be in [0, 1)")
-    _require(0 < cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
-    _validate_data(cfg.data)
-    _require(
-        cfg.logger.progress in ("auto", "bar", "lines", "off"),
-        f"logger.progress={cfg.logger.progress} must be auto, bar, lines or off",
-    )
-    _require(
-        cfg.logger.peak_flops is None or cfg.logger.peak_flops > 0,
-        f"logger.peak_flops={cfg.logger.peak_flops} must be > 0 (FLOP/s of one device, e.g. 989e12), or null",
-    )
-    _require(
-        cfg.logger.wandb.mode in ("offline", "online", "disabled"),
-        f"logger.wandb.mode={cfg.logger.wandb.mode} must be offline, online or disabled",
-    )
-    _require(
-        cfg.run.resume in (ResumeMode.auto.value, ResumeMode.never.value) or os.path.exists(cfg.run.resume),
-        f"run.resume={cfg.run.resume} is neither auto, never nor an existing checkpoint path; "
-        "point it at a checkpoints/step_<N> folder",
-    )
-    build_schedule(cfg.schedule, max_steps=t.max_steps, peak_lr=o.lr)
-    if isinstance(cfg.backend, DeepSpeedBackend):
-        from trainer.backends.deepspeed import check_config
+    The one way to turn overrides into a config outside the entry point (whose ``@hydra.main`` composes
+    the same files and hands the result to :func:`to_config`): the schedule preview, the tests, the test
+    workers and the benchmarks use it.
 
-        check_config(cfg)
+    Raises:
+        ConfigError: an unknown key, group option or value, or a failed check; the message names it.
+    """
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with hydra.initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            dcfg = hydra.compose("config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_compose_message(err)) from None
+    return to_config(dcfg)
 
 
-def _validate_data(d: DataConfig) -> None:
-    """Value checks only: a file that is missing or a tokenizer that cannot load fail in build_data."""
-    _require(bool(d.tokenizer), "data.tokenizer is empty; use bytes, train, a tokenizer.json path or a name")
-    _require(
-        d.tokenizer != "train" or 258 <= d.vocab_size < 2**32,
-        f"data.vocab_size={d.vocab_size} must be at least 258 (256 bytes, the end-of-document token and "
-        "one merge) for data.tokenizer=train",
-    )
-    _require(d.num_proc >= 1, f"data.num_proc={d.num_proc} must be at least 1")
-    files = getattr(d, "files", None)
-    _require(
-        files is None
-        or isinstance(files, str)
-        or (isinstance(files, list) and all(isinstance(f, str) for f in files)),
-        f"data.files={files} must be a path or glob, or a list of them, e.g. data.files=[corpus/*.txt]",
-    )
+def _compose_message(err: BaseException) -> str:
+    """Hydra's message and its causes', one line each, joined, with where to look the key up."""
+    parts: list[str] = []
+    current: BaseException | None = err
+    while current is not None and len(parts) < 3:
+        lines = str(current).strip().splitlines()
+        if lines and "$VALUE" not in lines[0] and lines[0] not in parts:
+            parts.append(lines[0].rstrip("."))
+        current = current.__cause__ or current.__context__
+    return f"{': '.join(parts)}. Check the key against the README's key table"

@@ -17,6 +17,8 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the job: global and local rank, global and per-node world size, device."""
+
     rank: int
     local_rank: int
     world_size: int
@@ -35,6 +37,7 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
+        """Whether there is more than one rank; alone, this module's collectives are no-ops."""
         return self.world_size > 1
 
 
@@ -97,6 +100,7 @@ def ensure_process_group() -> None:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here."""
     if info.distributed:
         dist.barrier()
 
@@ -109,6 +113,7 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Elementwise max of a tensor over ranks, in place."""
     if info.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor

@@ -7,7 +7,6 @@ run had one), so ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads the exa
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -15,20 +14,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.checkpoint import META, problem
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 from trainer.models import build_model
+from trainer.resume import problem, read_meta
 
 
 def load_model(checkpoint: Path) -> nn.Module:
-    """The checkpoint's model on the CPU, weights loaded without executing any code."""
+    """The checkpoint's model on the CPU, weights loaded without executing any code.
+
+    Raises:
+        ConfigError: the checkpoint is missing, damaged or not a ramp checkpoint.
+    """
     reason = problem(checkpoint)
     if reason is not None:
         raise ConfigError(f"CHECKPOINT {checkpoint} is unusable: {reason}")
-    meta = json.loads((checkpoint / META).read_text())
-    model_cfg = ModelConfig(**meta["config"]["model"])
-    model = build_model(model_cfg, tokenizer_vocab=meta["tokenizer_vocab"], eos_id=meta["eos_id"])
-    if meta.get("backend") == "deepspeed":
+    meta = read_meta(checkpoint)
+    model_cfg = ModelConfig(**meta.config["model"])
+    model = build_model(model_cfg, tokenizer_vocab=meta.tokenizer_vocab, eos_id=meta.eos_id)
+    if meta.backend == "deepspeed":
         # Sharded by ZeRO across the ranks that wrote it: gathered into one fp32 state dict here.
         from trainer.backends.deepspeed import consolidated_state_dict
 
@@ -40,6 +44,11 @@ def load_model(checkpoint: Path) -> nn.Module:
 
 
 def export(checkpoint: Path, out_dir: Path) -> None:
+    """Write ``checkpoint``'s model (and the run's tokenizer) as a Hugging Face folder ``out_dir``.
+
+    Raises:
+        ConfigError: ``out_dir`` is not empty, or the checkpoint is unusable.
+    """
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"OUT_DIR {out_dir} is not empty; choose a new folder (nothing was overwritten)")
     model = load_model(checkpoint)
@@ -53,6 +62,7 @@ def export(checkpoint: Path, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 on success, 2 (with one ``ramp: error:`` line) on bad input."""
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a checkpoint folder: RUN_DIR/checkpoints/step_<N>")
     parser.add_argument("out_dir", type=Path, help="the Hugging Face model folder to write")

@@ -1,9 +1,14 @@
-"""The training loop. It owns the global step.
+"""The training loop. It owns the global step, the forward pass and the loss, evaluation and the LR.
 
 ``TrainState.global_step`` counts optimizer steps taken, and the step being taken is numbered
 ``global_step + 1``: 1-based, from 1 to ``train.max_steps``. Gradient accumulation runs several
 micro-batches inside one step and never changes the count; a skipped non-finite update does not
 advance it either. The schedule sees only this number, and it is saved in every checkpoint.
+
+One step, as :meth:`Trainer.train_step` and :meth:`Trainer.fit` show it: write the step's LR into
+the backend's parameter groups; for each micro-batch, forward and loss (the summed token loss),
+backward of its share of the step's token mean through the backend (gradients sync on the last
+micro-batch only); then the backend clips and steps.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint, distributed
-from trainer.backends import Backend
+from trainer import checkpoint, distributed, resume
+from trainer.backends import Backend, to_device
 from trainer.config import Config, OnNan
 from trainer.data import Data
 from trainer.distributed import DistInfo
-from trainer.models import count_parameters
+from trainer.errors import TrainingHalted
+from trainer.models import causal_lm_loss, count_parameters
 from trainer.observe import Recorder
 from trainer.observe.flops import flops_per_token, memory_gb, mfu, peak_flops
 from trainer.observe.recorder import perplexity
@@ -36,23 +42,28 @@ MAX_CONSECUTIVE_SKIPS = 25
 """With train.on_nan=skip, this many non-finite steps in a row halt the run: it is not recovering."""
 
 
-class TrainingHalted(RuntimeError):
-    """The run cannot go on (a non-finite update with train.on_nan=halt); the message says why."""
-
-
 class Outcome(str, Enum):
+    """How :meth:`Trainer.fit` ended."""
+
     finished = "finished"
     preempted = "preempted"
 
 
 @dataclass
 class TrainState:
+    """The loop's counters: saved in every checkpoint's metadata, restored from it."""
+
     global_step: int = 0
     """Optimizer steps completed: the only state the schedule depends on."""
     tokens: int = 0
     """Tokens trained on, summed over ranks."""
     skipped_steps: int = 0
     """Updates dropped for a non-finite gradient norm (train.on_nan=skip)."""
+
+    @classmethod
+    def from_checkpoint(cls, meta: resume.CheckpointMeta) -> TrainState:
+        """The counters a checkpoint recorded."""
+        return cls(global_step=meta.step, tokens=meta.tokens, skipped_steps=meta.skipped_steps)
 
 
 @dataclass
@@ -70,6 +81,7 @@ class IntervalMeter:
         self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
 
     def reset(self) -> None:
+        """Start the next interval."""
         self.loss_sum.zero_()
         self.tokens = self.steps = 0
         self.data_wait = 0.0
@@ -80,10 +92,12 @@ class IntervalMeter:
         return {"loss_sum": self.loss_sum.cpu(), "tokens": self.tokens, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.loss_sum.copy_(state["loss_sum"])
         self.tokens, self.steps = int(state["tokens"]), int(state["steps"])
 
     def reduce(self, info: DistInfo) -> dict[str, float]:
+        """The interval's token-weighted loss and rates, summed over ranks (memory: the max over ranks)."""
         # Each rank writes its memory into its own slot, so the same sum yields every rank's value
         # and the max needs no second collective.
         memory = [0.0] * info.world_size
@@ -104,6 +118,8 @@ class IntervalMeter:
 
 @dataclass
 class Trainer:
+    """The loop and what it drives: the backend, the data, the schedule and the recorder."""
+
     cfg: Config
     info: DistInfo
     backend: Backend
@@ -140,61 +156,67 @@ class Trainer:
             self.run_dir,
         )
 
-    def restore(self, resumed: checkpoint.Resumed) -> TrainState:
-        """Continue where a checkpoint left off: data position, open log interval, counters."""
-        meta = resumed.meta
-        self.data.train.load_state_dict(meta["sampler"])
-        if "meter" in resumed.rank_state:
-            self.meter.load_state_dict(resumed.rank_state["meter"])
-        for change in checkpoint.config_changes(meta["config"], self.config):
-            log.warning("resuming with a changed setting that changes the math: %s", change)
-        step, max_steps = int(meta["step"]), self.cfg.train.max_steps
-        if meta["config"]["train"]["max_steps"] != max_steps and step < max_steps:
-            log.warning(
-                "train.max_steps is now %d: the schedule is recomputed over %d steps, so step %d trains at "
-                "LR %.4g (the curve a %d-step run follows there)",
-                max_steps,
-                max_steps,
-                step + 1,
-                self.schedule.lr(step + 1),
-                max_steps,
-            )
-        if step >= max_steps:
-            log.info(
-                "ramp | %s already reached train.max_steps=%d; raise it to train further",
-                resumed.path,
-                max_steps,
-            )
-        else:
-            log.info("ramp | resuming from %s at step %d", resumed.path, step)
-        return TrainState(
-            global_step=step, tokens=int(meta["tokens"]), skipped_steps=int(meta["skipped_steps"])
-        )
+    def restore(self, start: resume.Start) -> TrainState:
+        """Continue where a checkpoint left off (see :mod:`trainer.resume`); report what changed."""
+        resume.restore(start, self.info, self.backend, self.data.train, self.meter)
+        if self.info.is_main:  # the same on every rank: said once
+            resume.report_changes(start, self.config, self.schedule)
+        return TrainState.from_checkpoint(start.meta)
+
+    def set_lr(self, lr: float) -> None:
+        """Write the LR of the step about to be taken into every parameter group, before it is taken."""
+        for group in self.backend.param_groups:
+            group["lr"] = lr
+
+    def lrs(self) -> dict[str, float]:
+        """The LR of every parameter group, by the group's name."""
+        return {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(self.backend.param_groups)}
 
     def train_step(self) -> tuple[torch.Tensor, int]:
-        """Forward and backward every micro-batch of one optimizer step; gradients sync on the last."""
-        accum = self.cfg.train.grad_accum_steps
+        """Forward and backward every micro-batch of one optimizer step; gradients sync on the last.
+
+        Returns the step's summed token loss on this rank (detached) and its number of predicted tokens.
+        """
+        t, backend = self.cfg.train, self.backend
+        # Each rank backpropagates its share of the step's token mean: the backend averages over
+        # ranks, and the micro-batches of one step add up, so the gradient is the global token mean's.
+        scale = 1.0 / (t.grad_accum_steps * t.micro_batch_size * t.seq_len)
         loss_sum = torch.zeros((), device=self.info.device, dtype=torch.float64)
         tokens = 0
-        for micro in range(accum):
+        for micro in range(t.grad_accum_steps):
             waited = time.perf_counter()
-            batch = self.data.train.next_batch()
+            host_batch = self.data.train.next_batch()
             self.meter.data_wait += time.perf_counter() - waited
-            loss_sum += self.backend.micro_step(batch, last=micro == accum - 1).double()
+            batch = to_device(host_batch, self.info.device)
+            with backend.accumulate(last=micro == t.grad_accum_steps - 1):
+                with backend.autocast():
+                    loss = causal_lm_loss(backend.model, batch)
+                backend.backward(loss * scale)
+            loss_sum += loss.detach().double()
             tokens += batch[:, 1:].numel()
         return loss_sum, tokens
 
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Token-weighted validation loss over the same held-out windows every time, reduced over ranks."""
+        module = self.backend.module  # unwrapped: ZeRO 3's hooks on it gather each layer as it runs
         total = torch.zeros(2, device=self.info.device, dtype=torch.float64)
-        for indices in self.data.eval_indices(self.cfg, self.info):
-            batch = self.data.train.gather_from(self.data.val_tokens, indices)
-            total[0] += self.backend.eval_loss(batch).double()
-            total[1] += batch[:, 1:].numel()
+        module.eval()
+        try:
+            for indices in self.data.eval_indices(self.cfg, self.info):
+                batch = to_device(
+                    self.data.train.gather_from(self.data.val_tokens, indices), self.info.device
+                )
+                with self.backend.autocast():
+                    total[0] += causal_lm_loss(module, batch).double()
+                total[1] += batch[:, 1:].numel()
+        finally:
+            module.train()
         loss_sum, tokens = distributed.all_reduce_sum(total, self.info).tolist()
         return {"val_loss": loss_sum / tokens, "val_ppl": perplexity(loss_sum / tokens)}
 
     def save(self, state: TrainState) -> Path:
+        """Checkpoint the state after ``state.global_step`` (collective: every rank calls it)."""
         meta = {
             "tokens": state.tokens,
             "skipped_steps": state.skipped_steps,
@@ -210,6 +232,11 @@ class Trainer:
         return checkpoint.save(root, state.global_step, self.info, self.backend, meta, rank_state, keep)
 
     def skip_or_halt(self, state: TrainState, step: int, grad_norm: torch.Tensor, consecutive: int) -> None:
+        """A non-finite gradient norm at ``step``: count a skipped update, or stop (``train.on_nan``).
+
+        Raises:
+            TrainingHalted: with ``train.on_nan=halt``, or after too many skips in a row.
+        """
         message = f"non-finite gradient norm ({float(grad_norm)}) at step {step}"
         if self.cfg.train.on_nan == OnNan.halt:
             raise TrainingHalted(
@@ -223,7 +250,25 @@ class Trainer:
         state.skipped_steps += 1
         log.warning("%s: update skipped (%d so far)", message, state.skipped_steps)
 
+    def log_step(self, state: TrainState, lr: float, grad_norm: torch.Tensor) -> None:
+        """Reduce the open log interval over ranks and record it (collective: every rank calls it)."""
+        record: dict[str, Any] = {"step": state.global_step, "lr": lr, **self.meter.reduce(self.info)}
+        record.update(grad_norm=float(grad_norm), tokens=state.tokens, epoch=self.data.train.state.epoch)
+        record.update({f"lr/{name}": group_lr for name, group_lr in self.lrs().items()})
+        record["skipped_steps"] = state.skipped_steps
+        if self.peak_flops:
+            record["mfu"] = mfu(
+                self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.info.world_size
+            )
+        self.recorder.log(record)
+        self.meter.reset()
+
     def fit(self, state: TrainState, stop: StopSignal) -> Outcome:
+        """Train from ``state`` to ``train.max_steps``, or until a preemption signal (then checkpoint).
+
+        Raises:
+            TrainingHalted: a non-finite update that ``train.on_nan`` does not let the run skip.
+        """
         t, meter = self.cfg.train, self.meter
         # Profiling note: set-up leaves hundreds of thousands of long-lived objects (Hydra, transformers)
         # that every full collection would rescan while autograd churns through temporaries. Frozen,
@@ -234,9 +279,9 @@ class Trainer:
         while state.global_step < t.max_steps:
             step = state.global_step + 1
             lr = self.schedule.lr(step)
-            self.backend.set_lr(lr)
+            self.set_lr(lr)  # before the step it belongs to: step k trains at the schedule's f(k)
             loss_sum, tokens = self.train_step()
-            grad_norm, applied = self.backend.optimizer_step()
+            grad_norm, applied = self.backend.step()
             if not applied:
                 consecutive_skips += 1
                 self.skip_or_halt(state, step, grad_norm, consecutive_skips)
@@ -248,18 +293,7 @@ class Trainer:
             meter.steps += 1
             self.recorder.step(step)
             if step == 1 or step % t.log_every == 0 or step == t.max_steps:
-                record: dict[str, Any] = {"step": step, "lr": lr, **meter.reduce(self.info)}
-                record.update(
-                    grad_norm=float(grad_norm), tokens=state.tokens, epoch=self.data.train.state.epoch
-                )
-                record.update({f"lr/{name}": group_lr for name, group_lr in self.backend.lrs().items()})
-                record["skipped_steps"] = state.skipped_steps
-                if self.peak_flops:
-                    record["mfu"] = mfu(
-                        self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.info.world_size
-                    )
-                self.recorder.log(record)
-                meter.reset()
+                self.log_step(state, lr, grad_norm)
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
                 self.recorder.log({"step": step, **self.evaluate()})
                 meter.started = time.perf_counter()  # evaluation time is not training throughput

@@ -1,6 +1,7 @@
 """ramp's entry point: ``torchrun --nproc_per_node=N -m trainer.main [overrides]``.
 
-Compose the config, build the parts, fit, close. ``python -m trainer.main`` runs one process.
+Compose the config, plan where the run starts, build the parts, fit, close. ``python -m
+trainer.main`` runs one process.
 """
 
 from __future__ import annotations
@@ -12,30 +13,30 @@ import time
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from trainer import checkpoint, distributed, rundir
+from trainer import distributed, resume
 from trainer.backends import build_backend
-from trainer.config import ConfigError, register_configs, to_config
+from trainer.config import conf_dir, register_configs, to_config
 from trainer.data import build_data
-from trainer.loop import Outcome, Trainer, TrainingHalted, TrainState
+from trainer.errors import ConfigError, TrainingHalted
+from trainer.loop import Outcome, Trainer, TrainState
 from trainer.models import build_model
 from trainer.observe import Recorder, redact, scrub, setup_logging
 from trainer.preemption import StopSignal
-from trainer.schedules import build_schedule
 
 log = logging.getLogger("ramp")
 register_configs()
 
 
 def train(dcfg: DictConfig) -> Outcome:
+    """One run from a composed config: plan, build, restore or start, fit, close."""
     cfg = to_config(dcfg)
-    plan = rundir.check(cfg)
+    plan = resume.plan(cfg)
     info = distributed.setup(cfg.train.threads)
     setup_logging(info.rank)
     stop = StopSignal(info)
-    resolved = redact(OmegaConf.to_container(dcfg, resolve=True, enum_to_str=True))
-    schedule = build_schedule(cfg.schedule, max_steps=cfg.train.max_steps, peak_lr=cfg.optim.lr)
+    resolved = redact(cfg.to_dict())
     data = build_data(cfg, info)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(
@@ -47,17 +48,20 @@ def train(dcfg: DictConfig) -> Outcome:
     backend = build_backend(cfg, model, info)
     del model  # the backend holds it now
     torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout noise per rank
-    resume_from = checkpoint.choose(plan.candidates, info, plan.explicit)
+    start = resume.choose(plan, info)
     if info.is_main:
-        rundir.create(plan.run_dir, resolved)
+        resume.create_run_dir(plan.run_dir, resolved)
         data.save_tokenizer(plan.run_dir)
-    resumed = checkpoint.load(resume_from, info, backend) if resume_from else None
-    start = int(resumed.meta["step"]) if resumed else 0
     recorder = Recorder(
-        info.is_main, plan.run_dir, resolved, cfg.logger, cfg.train.max_steps, start_step=start
+        info.is_main,
+        plan.run_dir,
+        resolved,
+        cfg.logger,
+        cfg.train.max_steps,
+        start_step=start.meta.step if start else 0,
     )
-    trainer = Trainer(cfg, info, backend, data, schedule, recorder, plan.run_dir, resolved)
-    state = trainer.restore(resumed) if resumed else TrainState()
+    trainer = Trainer(cfg, info, backend, data, cfg.lr_schedule, recorder, plan.run_dir, resolved)
+    state = trainer.restore(start) if start else TrainState()
     trainer.announce()
     try:
         outcome = trainer.fit(state, stop)
@@ -83,14 +87,13 @@ def _exit(code: int, message: str | None = None) -> None:
     os._exit(code)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(dcfg: DictConfig) -> None:
+    """Hydra's entry point: train, and turn ramp's errors into one line and their exit code."""
     try:
         train(dcfg)
-    except ConfigError as err:
-        _exit(2, str(err))
-    except TrainingHalted as err:
-        _exit(3, str(err))
+    except (ConfigError, TrainingHalted) as err:
+        _exit(err.exit_code, str(err))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit(0)
 

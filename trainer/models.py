@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ConfigError, ModelConfig, OptimConfig
+from trainer.config import ModelConfig, OptimConfig
+from trainer.errors import ConfigError
 
 VOCAB_MULTIPLE = 64
 
@@ -54,7 +55,11 @@ def hf_config_kwargs(cfg: ModelConfig, vocab_size: int, eos_id: int) -> dict[str
 def build_model(
     cfg: ModelConfig, *, tokenizer_vocab: int, eos_id: int, activation_checkpointing: bool = False
 ) -> nn.Module:
-    """A randomly initialised model; the caller seeds torch first so every rank builds the same one."""
+    """A randomly initialised model; the caller seeds torch first so every rank builds the same one.
+
+    Raises:
+        ConfigError: ``model.vocab_size`` below the tokenizer's, or a ``model.arch`` transformers lacks.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     vocab_size = cfg.vocab_size or padded_vocab_size(tokenizer_vocab)
@@ -75,6 +80,7 @@ def build_model(
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Parameters of the whole model, also when ZeRO 3 leaves this rank a shard of each."""
     # ZeRO 3 leaves each rank a shard (numel() 0 on most); DeepSpeed records the full size as ds_numel.
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
@@ -106,6 +112,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """torch's AdamW over :func:`param_groups`; fused on CUDA unless ``optim.fused`` says otherwise."""
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
         param_groups(model, cfg),

@@ -18,7 +18,11 @@ if TYPE_CHECKING:
 
 
 def read_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training records, evaluation records) of a run, in step order."""
+    """(training records, evaluation records) of a run, in step order.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds no metrics.jsonl.
+    """
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"RUN_DIR {run_dir} has no metrics.jsonl; pass a run folder (run.dir)")
@@ -58,6 +62,11 @@ def draw(train: list[dict[str, Any]], evals: list[dict[str, Any]], title: str) -
 
 
 def main(argv: list[str] | None = None) -> Figure:
+    """Plot the run folder named in ``argv`` (default: the command line) into a PNG; the figure.
+
+    Raises:
+        SystemExit: status 2 when the folder has no metrics.jsonl or no training step in it yet.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m trainer.plot", description="Plot loss, val_loss and lr of a ramp run."
     )

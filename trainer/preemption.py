@@ -16,6 +16,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignal:
+    """Notes SIGTERM or SIGUSR1 on this rank; :meth:`agreed` tells every rank whether any rank got one."""
+
     def __init__(self, info: DistInfo) -> None:
         self.info = info
         self.received: str | None = None

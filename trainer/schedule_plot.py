@@ -14,44 +14,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.config import Config, ConfigError, register_configs, to_config
-from trainer.schedules import Schedule, build_schedule
+from trainer.config import compose
+from trainer.errors import ConfigError
+from trainer.schedules import Schedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
 
 @dataclass(frozen=True)
 class KeyPoints:
+    """Where a curve's warmup ends, where it peaks, and where it ends."""
+
     warmup_end: tuple[int, float] | None
     """(last warmup step, its LR); None without warmup."""
     peak: tuple[int, float]
     """(first step at the highest LR, that LR)."""
     end: tuple[int, float]
     """(train.max_steps, the LR the last step trains at)."""
-
-
-def compose_config(overrides: list[str]) -> Config:
-    """The typed, validated config ``trainer.main`` would run with these overrides."""
-    import hydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    register_configs()
-    try:
-        with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            dcfg = hydra.compose("config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(
-            f"{str(err).splitlines()[0]} Check the key against the README's key table"
-        ) from None
-    return to_config(dcfg)
-
-
-def schedule_of(cfg: Config) -> Schedule:
-    return build_schedule(cfg.schedule, max_steps=cfg.train.max_steps, peak_lr=cfg.optim.lr)
 
 
 def curve(schedule: Schedule) -> tuple[list[int], list[float]]:
@@ -61,6 +41,7 @@ def curve(schedule: Schedule) -> tuple[list[int], list[float]]:
 
 
 def key_points(schedule: Schedule) -> KeyPoints:
+    """The schedule's warmup end, peak and last step, with their LRs."""
     steps, lrs = curve(schedule)
     top = max(range(len(lrs)), key=lambda i: (lrs[i], -i))
     warmup = min(schedule.warmup_steps, schedule.max_steps)
@@ -94,6 +75,7 @@ def draw(schedule: Schedule) -> Figure:
 
 
 def report(schedule: Schedule) -> str:
+    """The key points as the four lines the command prints."""
     points = key_points(schedule)
     warmup = f"step {points.warmup_end[0]:<8d} lr {points.warmup_end[1]:.4e}" if points.warmup_end else "none"
     return "\n".join(
@@ -107,6 +89,11 @@ def report(schedule: Schedule) -> str:
 
 
 def main(argv: list[str] | None = None) -> Figure:
+    """The command line: write the PNG, print the key points; return the figure.
+
+    Raises:
+        SystemExit: with code 2 and one ``schedule_plot: error:`` line on a bad configuration.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m trainer.schedule_plot",
         description="Draw the LR curve of a ramp configuration (Hydra overrides as for trainer.main).",
@@ -115,7 +102,7 @@ def main(argv: list[str] | None = None) -> Figure:
     parser.add_argument("--out", type=Path, default=None, help="PNG path (default: lr_<schedule>.png)")
     args = parser.parse_args(argv)
     try:
-        schedule = schedule_of(compose_config(args.overrides))
+        schedule = compose(args.overrides).lr_schedule
     except ConfigError as err:
         print(f"schedule_plot: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

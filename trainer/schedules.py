@@ -1,14 +1,21 @@
-"""Learning-rate schedules as pure functions of the global step.
+"""Learning-rate schedules: a registry of schedule classes, each next to the pure function it computes.
 
 Convention: optimizer step ``k`` (the global step, 1-based) trains at ``optim.lr * f(k)``, where
 ``f(k)`` is what the transformers scheduler of the same name reports after ``k`` calls to
-``scheduler.step()``. So step 1 already trains above 0 during warmup. A plain PyTorch loop that calls
-``optimizer.step(); scheduler.step()`` trains step ``k`` at ``f(k - 1)``, so its first step runs at
-LR 0; ramp's curve is that curve moved one step earlier.
+``scheduler.step()`` (``transformers.get_scheduler``, transformers 5.x). So step 1 already trains
+above 0 during warmup. A plain PyTorch loop that calls ``optimizer.step(); scheduler.step()`` trains
+step ``k`` at ``f(k - 1)``, so its first step runs at LR 0; ramp's curve is that curve moved one step
+earlier.
 
 Past ``max_steps`` every schedule holds its value at ``max_steps`` (a cosine never rises again).
 The formulas below repeat transformers' arithmetic operation for operation, so the values agree
 to the last bit; tests compare them at every step.
+
+Each schedule is one class: its name, its own keys (each documented where it is declared), their
+checks and its multiplier. :func:`register` adds it to :data:`SCHEDULES`, from which the Hydra
+schemas, the README's key table and the tests are all derived. Adding a schedule means adding one
+class here and one YAML file under ``conf/schedule/``. This module imports neither torch nor any
+other part of ramp but its errors and the key declaration.
 """
 
 from __future__ import annotations
@@ -17,20 +24,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
-from trainer.config import (
-    ConfigError,
-    CosineSchedule,
-    CosineWarmupWithMinLRSchedule,
-    CosineWithMinLRSchedule,
-    CosineWithRestartsSchedule,
-    InverseSqrtSchedule,
-    PolynomialSchedule,
-    ScheduleConfig,
-    WarmupStableDecaySchedule,
-)
+from trainer.errors import ConfigError
+from trainer.schema import MISSING, setting
 
 Multiplier = Callable[[int], float]
+"""``f(step)``: the LR multiplier optimizer step ``step`` trains at, for steps 1..max_steps."""
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,68 @@ class Schedule:
     multiplier_fn: Multiplier
 
     def multiplier(self, step: int) -> float:
+        """``f(step)``, held at its value at ``max_steps`` past the end.
+
+        Raises:
+            ValueError: ``step`` is below 1 (the global step is 1-based).
+        """
         if step < 1:
             raise ValueError(f"the global step is 1-based; got {step}")
         return float(self.multiplier_fn(min(step, self.max_steps)))
 
     def lr(self, step: int) -> float:
+        """The LR of optimizer step ``step``: ``peak_lr * multiplier(step)``.
+
+        Raises:
+            ValueError: ``step`` is below 1.
+        """
         return self.peak_lr * self.multiplier(step)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ScheduleConfig:
+    """The keys every schedule takes; pick a schedule with ``schedule=<name>`` (``conf/schedule/``).
+
+    Names, keys and formulas follow ``transformers.get_scheduler``. A count always wins over the
+    matching ratio (``warmup_steps`` over ``warmup_ratio``), as in transformers' ``TrainingArguments``.
+    """
+
+    name: str = setting(MISSING, math=True)
+    """The schedule; pick it with schedule=<name>."""
+    warmup_steps: int | None = setting(None, math=True)
+    """Linear warmup length in optimizer steps; wins over warmup_ratio when set."""
+    warmup_ratio: float | None = setting(None, math=True)
+    """Warmup length as a fraction of train.max_steps, rounded up."""
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """This schedule's ``f(step)`` for a run of ``max_steps`` steps, its own keys checked.
+
+        Raises:
+            ConfigError: one of the schedule's keys is out of range, naming it and the fix.
+            NotImplementedError: the base class; every registered schedule defines its own.
+        """
+        raise NotImplementedError(f"schedule {self.name} defines no multiplier")
+
+
+Schema = TypeVar("Schema", bound=ScheduleConfig)
+
+SCHEDULES: dict[str, type[ScheduleConfig]] = {}
+"""Every schedule class by its name, in the order registered."""
+
+
+def register(schema: type[Schema]) -> type[Schema]:
+    """Add a schedule class to :data:`SCHEDULES` under its ``name`` (a class decorator)."""
+    SCHEDULES[schema.name] = schema
+    return schema
+
+
+# Each schedule: its pure function, then its class. Each function repeats the arithmetic of the
+# transformers 5.x function named in its docstring (transformers/optimization.py) to the last bit.
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -57,24 +113,76 @@ def _warmup(step: int, warmup_steps: int) -> float:
 
 
 def constant(step: int) -> float:
+    """1 at every step (``get_constant_schedule``)."""
     return 1.0
 
 
+@register
+@dataclass
+class ConstantSchedule(ScheduleConfig):
+    """``optim.lr`` at every step; no warmup (use ``constant_with_warmup`` for one)."""
+
+    name: str = setting("constant", math=True)
+    """Selected with schedule=constant."""
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """:func:`constant`; refuses a warmup."""
+        _check(
+            warmup_steps == 0,
+            f"schedule.warmup_steps={warmup_steps}: schedule=constant has no warmup; "
+            "use schedule=constant_with_warmup",
+        )
+        return constant
+
+
 def constant_with_warmup(step: int, *, warmup_steps: int) -> float:
+    """Linear warmup to 1, then 1 (``_get_constant_schedule_with_warmup_lr_lambda``)."""
     if step < warmup_steps:
         return float(step) / float(max(1.0, warmup_steps))
     return 1.0
 
 
+@register
+@dataclass
+class ConstantWithWarmupSchedule(ScheduleConfig):
+    """Linear warmup, then ``optim.lr``."""
+
+    name: str = setting("constant_with_warmup", math=True)
+    """Selected with schedule=constant_with_warmup."""
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """:func:`constant_with_warmup`."""
+        return partial(constant_with_warmup, warmup_steps=warmup_steps)
+
+
 def linear(step: int, *, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup, then linear decay to 0 at ``max_steps`` (``_get_linear_schedule_with_warmup_lr_lambda``)."""
     if step < warmup_steps:
         return _warmup(step, warmup_steps)
     return max(0.0, float(max_steps - step) / float(max(1, max_steps - warmup_steps)))
 
 
+@register
+@dataclass
+class LinearSchedule(ScheduleConfig):
+    """Linear warmup, then a linear decay to 0 at ``train.max_steps``."""
+
+    name: str = setting("linear", math=True)
+    """Selected with schedule=linear."""
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """:func:`linear`."""
+        return partial(linear, warmup_steps=warmup_steps, max_steps=max_steps)
+
+
 def cosine(
     step: int, *, warmup_steps: int, max_steps: int, num_cycles: float, min_lr_rate: float = 0.0
 ) -> float:
+    """Linear warmup, then ``num_cycles`` cosine waves over the decay, floored at ``min_lr_rate``.
+
+    ``_get_cosine_schedule_with_warmup_lr_lambda`` (with ``min_lr_rate``: the one behind
+    ``get_cosine_with_min_lr_schedule_with_warmup``).
+    """
     if step < warmup_steps:
         return _warmup(step, warmup_steps)
     progress = float(step - warmup_steps) / float(max(1, max_steps - warmup_steps))
@@ -84,7 +192,27 @@ def cosine(
     return max(0.0, factor)
 
 
+@register
+@dataclass
+class CosineSchedule(ScheduleConfig):
+    """Linear warmup, then a cosine decay to 0 at ``train.max_steps``."""
+
+    name: str = setting("cosine", math=True)
+    """Selected with schedule=cosine."""
+    num_cycles: float = setting(0.5, math=True)
+    """Cosine waves over the decay; 0.5 is one half-wave from peak to 0."""
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """:func:`cosine`."""
+        _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
+        return partial(cosine, warmup_steps=warmup_steps, max_steps=max_steps, num_cycles=self.num_cycles)
+
+
 def cosine_with_restarts(step: int, *, warmup_steps: int, max_steps: int, num_cycles: int) -> float:
+    """Linear warmup, then ``num_cycles`` half-cosines from 1 to 0, each restarting at 1.
+
+    ``_get_cosine_with_hard_restarts_schedule_with_warmup_lr_lambda``.
+    """
     if step < warmup_steps:
         return _warmup(step, warmup_steps)
     progress = float(step - warmup_steps) / float(max(1, max_steps - warmup_steps))
@@ -93,9 +221,31 @@ def cosine_with_restarts(step: int, *, warmup_steps: int, max_steps: int, num_cy
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(num_cycles) * progress) % 1.0))))
 
 
+@register
+@dataclass
+class CosineWithRestartsSchedule(ScheduleConfig):
+    """Linear warmup, then hard restarts: the decay split into ``num_cycles`` half-cosines."""
+
+    name: str = setting("cosine_with_restarts", math=True)
+    """Selected with schedule=cosine_with_restarts."""
+    num_cycles: int = setting(1, math=True)
+    """Hard restarts: the decay is split into this many half-cosines."""
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """:func:`cosine_with_restarts`."""
+        _check(self.num_cycles >= 1, f"schedule.num_cycles={self.num_cycles} must be at least 1")
+        return partial(
+            cosine_with_restarts, warmup_steps=warmup_steps, max_steps=max_steps, num_cycles=self.num_cycles
+        )
+
+
 def polynomial(
     step: int, *, warmup_steps: int, max_steps: int, lr_end: float, power: float, lr_init: float
 ) -> float:
+    """Linear warmup, then ``(lr_init - lr_end) * remaining**power + lr_end``, over ``lr_init``.
+
+    ``_get_polynomial_decay_schedule_with_warmup_lr_lambda``.
+    """
     if step < warmup_steps:
         return _warmup(step, warmup_steps)
     if step > max_steps:
@@ -106,11 +256,112 @@ def polynomial(
     return (lr_range * pct_remaining**power + lr_end) / lr_init
 
 
+@register
+@dataclass
+class PolynomialSchedule(ScheduleConfig):
+    """Linear warmup, then a polynomial decay to ``lr_end`` at ``train.max_steps``."""
+
+    name: str = setting("polynomial", math=True)
+    """Selected with schedule=polynomial."""
+    lr_end: float = setting(1e-7, math=True)
+    """Absolute LR reached at train.max_steps; must be below optim.lr."""
+    power: float = setting(1.0, math=True)
+    """Exponent of the decay; 1.0 is linear."""
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """:func:`polynomial`; needs a decay of at least one step."""
+        _check(self.power > 0, f"schedule.power={self.power} must be > 0")
+        _check(
+            0.0 <= self.lr_end < peak_lr,
+            f"schedule.lr_end={self.lr_end} must be >= 0 and below optim.lr={peak_lr}",
+        )
+        _check(
+            warmup_steps < max_steps,
+            f"schedule=polynomial needs a decay: schedule.warmup_steps={warmup_steps} must be below "
+            f"train.max_steps={max_steps}",
+        )
+        return partial(
+            polynomial,
+            warmup_steps=warmup_steps,
+            max_steps=max_steps,
+            lr_end=self.lr_end,
+            power=self.power,
+            lr_init=peak_lr,
+        )
+
+
 def inverse_sqrt(step: int, *, warmup_steps: int, timescale: int) -> float:
+    """Linear warmup, then ``1 / sqrt((step + timescale - warmup) / timescale)``.
+
+    ``_get_inverse_sqrt_schedule_lr_lambda``.
+    """
     if step < warmup_steps:
         return _warmup(step, warmup_steps)
     shift = timescale - warmup_steps
     return 1.0 / math.sqrt((step + shift) / timescale)
+
+
+@register
+@dataclass
+class InverseSqrtSchedule(ScheduleConfig):
+    """Linear warmup, then a decay as one over the square root of the step."""
+
+    name: str = setting("inverse_sqrt", math=True)
+    """Selected with schedule=inverse_sqrt."""
+    timescale: int | None = setting(None, math=True)
+    """Steps over which the LR falls by sqrt(2) after warmup; default: the warmup, or 10000 without warmup."""
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """:func:`inverse_sqrt`."""
+        timescale = self.timescale if self.timescale is not None else (warmup_steps or 10_000)
+        _check(timescale >= 1, f"schedule.timescale={self.timescale} must be at least 1")
+        return partial(inverse_sqrt, warmup_steps=warmup_steps, timescale=timescale)
+
+
+@register
+@dataclass
+class CosineWithMinLRSchedule(ScheduleConfig):
+    """Linear warmup, then a cosine decay down to a floor."""
+
+    name: str = setting("cosine_with_min_lr", math=True)
+    """Selected with schedule=cosine_with_min_lr."""
+    num_cycles: float = setting(0.5, math=True)
+    """Cosine waves over the decay; 0.5 is one half-wave from peak to the floor."""
+    min_lr: float | None = setting(None, math=True)
+    """Absolute floor of the cosine; wins over min_lr_rate when set."""
+    min_lr_rate: float | None = setting(None, math=True)
+    """Floor as a fraction of optim.lr."""
+
+    def min_rate(self, peak_lr: float) -> float:
+        """The floor as a fraction of ``peak_lr``: ``min_lr`` wins over ``min_lr_rate``.
+
+        Raises:
+            ConfigError: neither is set, or the one set is out of range.
+        """
+        if self.min_lr is not None:
+            _check(
+                0.0 <= self.min_lr <= peak_lr,
+                f"schedule.min_lr={self.min_lr} must be in [0, optim.lr={peak_lr}]",
+            )
+            return self.min_lr / peak_lr
+        _check(
+            self.min_lr_rate is not None,
+            "set schedule.min_lr (absolute) or schedule.min_lr_rate (a fraction of optim.lr)",
+        )
+        assert self.min_lr_rate is not None
+        _check(0.0 <= self.min_lr_rate <= 1.0, f"schedule.min_lr_rate={self.min_lr_rate} must be in [0, 1]")
+        return self.min_lr_rate
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """:func:`cosine` with a floor."""
+        _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
+        return partial(
+            cosine,
+            warmup_steps=warmup_steps,
+            max_steps=max_steps,
+            num_cycles=self.num_cycles,
+            min_lr_rate=self.min_rate(peak_lr),
+        )
 
 
 def cosine_warmup_with_min_lr(
@@ -122,6 +373,10 @@ def cosine_warmup_with_min_lr(
     min_lr_rate: float,
     warmup_lr_rate: float | None,
 ) -> float:
+    """Warmup from ``warmup_lr_rate`` (default ``1 / warmup_steps``), then a cosine down to ``min_lr_rate``.
+
+    ``_get_cosine_with_min_lr_schedule_with_warmup_lr_rate_lambda``.
+    """
     current, warmup, total = float(step), float(warmup_steps), float(max_steps)
     if current < warmup:
         if warmup_lr_rate is None:
@@ -130,6 +385,33 @@ def cosine_warmup_with_min_lr(
     progress = (current - warmup + 1.0) / max(1.0, total - warmup)
     factor = 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress))
     return max(0.0, factor * (1 - min_lr_rate) + min_lr_rate)
+
+
+@register
+@dataclass
+class CosineWarmupWithMinLRSchedule(CosineWithMinLRSchedule):
+    """A warmup that starts at ``warmup_lr_rate``, then a cosine decay down to a floor."""
+
+    name: str = setting("cosine_warmup_with_min_lr", math=True)
+    """Selected with schedule=cosine_warmup_with_min_lr."""
+    warmup_lr_rate: float | None = setting(None, math=True)
+    """First warmup step's LR as a fraction of optim.lr; default 1/warmup_steps."""
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """:func:`cosine_warmup_with_min_lr`."""
+        _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
+        _check(
+            self.warmup_lr_rate is None or 0.0 <= self.warmup_lr_rate <= 1.0,
+            f"schedule.warmup_lr_rate={self.warmup_lr_rate} must be in [0, 1]",
+        )
+        return partial(
+            cosine_warmup_with_min_lr,
+            warmup_steps=warmup_steps,
+            max_steps=max_steps,
+            num_cycles=self.num_cycles,
+            min_lr_rate=self.min_rate(peak_lr),
+            warmup_lr_rate=self.warmup_lr_rate,
+        )
 
 
 def _shape(kind: str, progress: float, num_cycles: float, rising: bool) -> float:
@@ -154,6 +436,10 @@ def warmup_stable_decay(
     min_lr_ratio: float,
     num_cycles: float,
 ) -> float:
+    """Warmup, a constant stretch, then a decay to ``min_lr_ratio`` (``_get_wsd_scheduler_lambda``).
+
+    Shapes: ``linear``, ``cosine`` or ``1-sqrt`` (Hägele et al. 2024) for warmup and decay alike.
+    """
     if step < warmup_steps:
         progress = float(step) / float(max(1, warmup_steps))
         factor = _shape(warmup_type, progress, num_cycles, rising=True)
@@ -167,13 +453,83 @@ def warmup_stable_decay(
     return min_lr_ratio
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+@register
+@dataclass
+class WarmupStableDecaySchedule(ScheduleConfig):
+    """Warmup, a long constant stretch, then a decay (MiniCPM; Hägele et al. 2024)."""
+
+    name: str = setting("warmup_stable_decay", math=True)
+    """Selected with schedule=warmup_stable_decay."""
+    num_decay_steps: int | None = setting(None, math=True)
+    """Decay length in steps; wins over decay_ratio when set."""
+    decay_ratio: float | None = setting(None, math=True)
+    """Decay length as a fraction of train.max_steps, rounded up."""
+    num_stable_steps: int | None = setting(None, math=True)
+    """Constant stretch in steps; default: what warmup and decay leave of train.max_steps."""
+    warmup_type: str = setting("linear", math=True)
+    """Shape of the warmup: linear, cosine or 1-sqrt."""
+    decay_type: str = setting("cosine", math=True)
+    """Shape of the decay: linear, cosine or 1-sqrt."""
+    min_lr_ratio: float = setting(0.0, math=True)
+    """Floor of warmup and decay as a fraction of optim.lr."""
+    num_cycles: float = setting(0.5, math=True)
+    """Cosine waves of a cosine decay; 0.5 is one half-wave."""
+
+    def decay_steps(self, max_steps: int) -> int:
+        """``num_decay_steps``, else ``decay_ratio`` of ``max_steps`` rounded up.
+
+        Raises:
+            ConfigError: neither is set, or the one set is out of range.
+        """
+        if self.num_decay_steps is not None:
+            _check(self.num_decay_steps >= 0, f"schedule.num_decay_steps={self.num_decay_steps} must be >= 0")
+            return self.num_decay_steps
+        _check(
+            self.decay_ratio is not None,
+            "warmup_stable_decay needs schedule.num_decay_steps or schedule.decay_ratio",
+        )
+        assert self.decay_ratio is not None
+        _check(0.0 <= self.decay_ratio <= 1.0, f"schedule.decay_ratio={self.decay_ratio} must be in [0, 1]")
+        return math.ceil(self.decay_ratio * max_steps)
+
+    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+        """:func:`warmup_stable_decay`; warmup, stable and decay must fit in ``max_steps``."""
+        for key in ("warmup_type", "decay_type"):
+            value = getattr(self, key)
+            _check(value in SHAPES, f"schedule.{key}={value} must be linear, cosine or 1-sqrt")
+        _check(
+            0.0 <= self.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"
+        )
+        _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
+        decay = self.decay_steps(max_steps)
+        stable = max_steps - warmup_steps - decay if self.num_stable_steps is None else self.num_stable_steps
+        _check(
+            stable >= 0 and warmup_steps + stable + decay <= max_steps,
+            f"schedule: warmup ({warmup_steps}) + stable ({stable}) + decay ({decay}) steps do not fit in "
+            f"train.max_steps={max_steps}; shorten schedule.num_stable_steps, schedule.num_decay_steps / "
+            "schedule.decay_ratio or the warmup",
+        )
+        return partial(
+            warmup_stable_decay,
+            warmup_steps=warmup_steps,
+            stable_steps=stable,
+            decay_steps=decay,
+            warmup_type=self.warmup_type,
+            decay_type=self.decay_type,
+            min_lr_ratio=self.min_lr_ratio,
+            num_cycles=self.num_cycles,
+        )
 
 
 def resolve_warmup(cfg: ScheduleConfig, max_steps: int) -> int:
-    """warmup_steps wins over warmup_ratio when both are set (as in transformers' TrainingArguments)."""
+    """Warmup steps: ``warmup_steps`` wins over ``warmup_ratio`` (rounded up), as in ``TrainingArguments``.
+
+    Raises:
+        ConfigError: a negative count, a ratio outside [0, 1], or a warmup longer than ``max_steps``.
+    """
     if cfg.warmup_steps is not None:
         _check(cfg.warmup_steps >= 0, f"schedule.warmup_steps={cfg.warmup_steps} must be >= 0")
         warmup = cfg.warmup_steps
@@ -193,139 +549,19 @@ def resolve_warmup(cfg: ScheduleConfig, max_steps: int) -> int:
     return warmup
 
 
-def _min_lr_rate(cfg: CosineWithMinLRSchedule, peak_lr: float) -> float:
-    """An absolute schedule.min_lr wins over schedule.min_lr_rate, as steps win over ratios."""
-    if cfg.min_lr is not None:
-        _check(
-            0.0 <= cfg.min_lr <= peak_lr,
-            f"schedule.min_lr={cfg.min_lr} must be in [0, optim.lr={peak_lr}]",
-        )
-        return cfg.min_lr / peak_lr
-    _check(
-        cfg.min_lr_rate is not None,
-        "set schedule.min_lr (absolute) or schedule.min_lr_rate (a fraction of optim.lr)",
-    )
-    assert cfg.min_lr_rate is not None
-    _check(0.0 <= cfg.min_lr_rate <= 1.0, f"schedule.min_lr_rate={cfg.min_lr_rate} must be in [0, 1]")
-    return cfg.min_lr_rate
-
-
-def _wsd(cfg: WarmupStableDecaySchedule, warmup: int, max_steps: int) -> Multiplier:
-    for key in ("warmup_type", "decay_type"):
-        value = getattr(cfg, key)
-        _check(
-            value in ("linear", "cosine", "1-sqrt"),
-            f"schedule.{key}={value} must be linear, cosine or 1-sqrt",
-        )
-    _check(0.0 <= cfg.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]")
-    _check(cfg.num_cycles > 0, f"schedule.num_cycles={cfg.num_cycles} must be > 0")
-    if cfg.num_decay_steps is not None:
-        _check(cfg.num_decay_steps >= 0, f"schedule.num_decay_steps={cfg.num_decay_steps} must be >= 0")
-        decay = cfg.num_decay_steps
-    else:
-        _check(
-            cfg.decay_ratio is not None,
-            "warmup_stable_decay needs schedule.num_decay_steps or schedule.decay_ratio",
-        )
-        assert cfg.decay_ratio is not None
-        _check(0.0 <= cfg.decay_ratio <= 1.0, f"schedule.decay_ratio={cfg.decay_ratio} must be in [0, 1]")
-        decay = math.ceil(cfg.decay_ratio * max_steps)
-    stable = max_steps - warmup - decay if cfg.num_stable_steps is None else cfg.num_stable_steps
-    _check(
-        stable >= 0 and warmup + stable + decay <= max_steps,
-        f"schedule: warmup ({warmup}) + stable ({stable}) + decay ({decay}) steps do not fit in "
-        f"train.max_steps={max_steps}; shorten schedule.num_stable_steps, schedule.num_decay_steps / "
-        "schedule.decay_ratio or the warmup",
-    )
-    return partial(
-        warmup_stable_decay,
-        warmup_steps=warmup,
-        stable_steps=stable,
-        decay_steps=decay,
-        warmup_type=cfg.warmup_type,
-        decay_type=cfg.decay_type,
-        min_lr_ratio=cfg.min_lr_ratio,
-        num_cycles=cfg.num_cycles,
-    )
-
-
-def _multiplier(cfg: ScheduleConfig, warmup: int, max_steps: int, peak_lr: float) -> Multiplier:
-    name = cfg.name
-    if name == "constant":
-        _check(
-            warmup == 0,
-            f"schedule.warmup_steps={warmup}: schedule=constant has no warmup; use schedule=constant_with_warmup",
-        )
-        return constant
-    if name == "constant_with_warmup":
-        return partial(constant_with_warmup, warmup_steps=warmup)
-    if name == "linear":
-        return partial(linear, warmup_steps=warmup, max_steps=max_steps)
-    if isinstance(cfg, CosineWarmupWithMinLRSchedule):
-        _check(cfg.num_cycles > 0, f"schedule.num_cycles={cfg.num_cycles} must be > 0")
-        _check(
-            cfg.warmup_lr_rate is None or 0.0 <= cfg.warmup_lr_rate <= 1.0,
-            f"schedule.warmup_lr_rate={cfg.warmup_lr_rate} must be in [0, 1]",
-        )
-        return partial(
-            cosine_warmup_with_min_lr,
-            warmup_steps=warmup,
-            max_steps=max_steps,
-            num_cycles=cfg.num_cycles,
-            min_lr_rate=_min_lr_rate(cfg, peak_lr),
-            warmup_lr_rate=cfg.warmup_lr_rate,
-        )
-    if isinstance(cfg, CosineWithMinLRSchedule):
-        _check(cfg.num_cycles > 0, f"schedule.num_cycles={cfg.num_cycles} must be > 0")
-        return partial(
-            cosine,
-            warmup_steps=warmup,
-            max_steps=max_steps,
-            num_cycles=cfg.num_cycles,
-            min_lr_rate=_min_lr_rate(cfg, peak_lr),
-        )
-    if isinstance(cfg, CosineSchedule):
-        _check(cfg.num_cycles > 0, f"schedule.num_cycles={cfg.num_cycles} must be > 0")
-        return partial(cosine, warmup_steps=warmup, max_steps=max_steps, num_cycles=cfg.num_cycles)
-    if isinstance(cfg, CosineWithRestartsSchedule):
-        _check(cfg.num_cycles >= 1, f"schedule.num_cycles={cfg.num_cycles} must be at least 1")
-        return partial(
-            cosine_with_restarts, warmup_steps=warmup, max_steps=max_steps, num_cycles=cfg.num_cycles
-        )
-    if isinstance(cfg, PolynomialSchedule):
-        _check(cfg.power > 0, f"schedule.power={cfg.power} must be > 0")
-        _check(
-            0.0 <= cfg.lr_end < peak_lr,
-            f"schedule.lr_end={cfg.lr_end} must be >= 0 and below optim.lr={peak_lr}",
-        )
-        _check(
-            warmup < max_steps,
-            f"schedule=polynomial needs a decay: schedule.warmup_steps={warmup} must be below "
-            f"train.max_steps={max_steps}",
-        )
-        return partial(
-            polynomial,
-            warmup_steps=warmup,
-            max_steps=max_steps,
-            lr_end=cfg.lr_end,
-            power=cfg.power,
-            lr_init=peak_lr,
-        )
-    if isinstance(cfg, InverseSqrtSchedule):
-        timescale = cfg.timescale if cfg.timescale is not None else (warmup or 10_000)
-        _check(timescale >= 1, f"schedule.timescale={cfg.timescale} must be at least 1")
-        return partial(inverse_sqrt, warmup_steps=warmup, timescale=timescale)
-    if isinstance(cfg, WarmupStableDecaySchedule):
-        return _wsd(cfg, warmup, max_steps)
-    raise ConfigError(f"schedule={name} is unknown; pick one of the files in conf/schedule/")
-
-
 def build_schedule(cfg: ScheduleConfig, *, max_steps: int, peak_lr: float) -> Schedule:
-    """Resolve a schedule config for a run of ``max_steps`` optimizer steps peaking at ``peak_lr``."""
+    """Resolve a schedule config for a run of ``max_steps`` optimizer steps peaking at ``peak_lr``.
+
+    Raises:
+        ConfigError: ``max_steps`` below 1, ``peak_lr`` not positive, or a schedule key out of range.
+    """
     _check(max_steps >= 1, f"train.max_steps={max_steps} must be at least 1")
     _check(peak_lr > 0, f"optim.lr={peak_lr} must be > 0")
     warmup = resolve_warmup(cfg, max_steps)
-    fn = _multiplier(cfg, warmup, max_steps, peak_lr)
     return Schedule(
-        name=cfg.name, max_steps=max_steps, peak_lr=peak_lr, warmup_steps=warmup, multiplier_fn=fn
+        name=cfg.name,
+        max_steps=max_steps,
+        peak_lr=peak_lr,
+        warmup_steps=warmup,
+        multiplier_fn=cfg.multiplier(warmup, max_steps, peak_lr),
     )

@@ -1,42 +1,71 @@
-"""The seam between the loop and whoever owns backward and the optimizer step.
+"""The seam between the loop and whoever owns gradient sync, backward and the optimizer step.
 
-The loop drives every backend the same way, once per optimizer step::
+Cut where Lightning Fabric and torchtitan cut it: the loop owns the forward pass and the loss,
+evaluation and the learning rate (written into :attr:`Backend.param_groups` before each step); a
+backend owns wrapping the model, gradient synchronisation, backward, clipping and the optimizer
+step, and its state in a checkpoint. The loop drives every backend the same way::
 
-    backend.set_lr(lr)                       # the LR this global step trains at
+    for group in backend.param_groups:
+        group["lr"] = lr                                   # the LR this global step trains at
     for i in range(grad_accum_steps):
-        backend.micro_step(batch, last=...)  # forward + backward; gradients sync only on the last
-    grad_norm, applied = backend.optimizer_step()  # clip, step if finite, zero the gradients
+        with backend.accumulate(last=i == grad_accum_steps - 1):  # gradients sync on the last only
+            with backend.autocast():
+                loss = causal_lm_loss(backend.model, batch)     # forward and loss
+            backend.backward(loss * scale)                      # the step's token mean
+    grad_norm, applied = backend.step()                    # clip, step if finite, zero the gradients
 
-No backend holds an LR scheduler: the loop computes the LR from the global step and hands it over,
-so exactly one owner advances the schedule, whatever a backend's engine would otherwise do.
+No backend holds an LR scheduler: exactly one owner (the loop) advances the schedule, whatever an
+engine would otherwise do.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config
 from trainer.distributed import DistInfo
+from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.resume import CheckpointMeta
 
 
 class Backend(ABC):
+    """What the loop asks of DDP, DeepSpeed or FSDP: one small interface, each backend's quirks inside it."""
+
+    name: str
+    """``backend.name``: recorded in every checkpoint, which only the same backend resumes."""
     module: nn.Module
-    """The bare model (not wrapped), for evaluation, saving and export."""
+    """The bare model (not wrapped): evaluation, saving and export use it."""
+    model: nn.Module
+    """What the training forward pass calls (the DDP wrapper, the compiled model, the engine)."""
+
+    @property
+    @abstractmethod
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the loop writes each step's LR into them."""
+
+    def accumulate(self, last: bool) -> AbstractContextManager[Any]:
+        """A context for one micro-batch's forward and backward; gradients sync only when ``last``."""
+        return contextlib.nullcontext()
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """A context for the forward pass in the configured precision (none by default)."""
+        return contextlib.nullcontext()
 
     @abstractmethod
-    def set_lr(self, lr: float) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (already scaled to the step's token mean)."""
 
     @abstractmethod
-    def micro_step(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
-        """Forward and backward one micro-batch; return its summed loss, detached, on the device."""
-
-    @abstractmethod
-    def optimizer_step(self) -> tuple[torch.Tensor, bool]:
+    def step(self) -> tuple[torch.Tensor, bool]:
         """Clip and take the optimizer step, then zero the gradients.
 
         Returns the pre-clip global gradient norm and whether the update was applied: a non-finite
@@ -44,25 +73,16 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Summed loss of a batch without gradients."""
-
-    @abstractmethod
-    def lrs(self) -> dict[str, float]:
-        """The LR of every parameter group, by group name."""
-
-    @abstractmethod
     def save(self, folder: Path, info: DistInfo) -> None:
         """Write the model and optimizer state into a checkpoint folder (called on every rank)."""
 
     @abstractmethod
-    def load(self, folder: Path, info: DistInfo) -> None:
-        """Restore what ``save`` wrote (called on every rank)."""
+    def load(self, folder: Path, meta: CheckpointMeta, info: DistInfo) -> None:
+        """Restore what ``save`` wrote (called on every rank).
 
-
-def group_lrs(param_groups: list[dict[str, Any]]) -> dict[str, float]:
-    """Each parameter group's LR, by the group's name."""
-    return {group.get("name", str(i)): float(group["lr"]) for i, group in enumerate(param_groups)}
+        Raises:
+            ConfigError: the checkpoint cannot resume on this backend as configured, saying why.
+        """
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -73,12 +93,17 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def build_backend(cfg: Config, model: nn.Module, info: DistInfo) -> Backend:
+    """Wrap ``model`` in the backend ``backend.name`` names; deepspeed is imported only when chosen.
+
+    Raises:
+        ConfigError: an unknown backend, or one the backend refuses on this machine.
+    """
     if cfg.backend.name == "ddp":
         from trainer.backends.ddp import DDPBackend
 
         return DDPBackend(cfg, model, info)
     if cfg.backend.name == "deepspeed":
-        from trainer.backends.deepspeed import DeepSpeedBackend  # imports deepspeed: only when chosen
+        from trainer.backends.deepspeed import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg, model, info)
     raise ConfigError(f"backend={cfg.backend.name} is unknown; use backend=ddp or backend=deepspeed")

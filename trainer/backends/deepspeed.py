@@ -5,12 +5,13 @@ The engine owns backward, gradient reduction, clipping and the optimizer step. r
 - **The LR.** The loop sets it on the optimizer's parameter groups before the step's
   ``engine.step()``; no scheduler is handed to ``deepspeed.initialize``, so the engine advances
   nothing but the weights and the schedule has exactly one owner, whatever the accumulation.
-- **The accumulation boundary.** Set from the loop's ``last`` flag before every micro-batch, so the
-  engine's micro-step counter can never drift from ramp's micro-batches (a skipped step included).
+- **The accumulation boundary.** Set from the loop's ``last`` flag before every micro-batch
+  (:meth:`DeepSpeedBackend.accumulate`), so the engine's micro-step counter can never drift from
+  ramp's micro-batches (a skipped step included).
 - **The loss.** Each micro-batch backpropagates its share of the step's token-weighted mean, exactly
   as with DDP; ``engine.backward(scale_wrt_gas=False)`` keeps DeepSpeed from dividing it again.
 - **Batch sizes, clipping, precision.** Built from ``train.*``; ``backend.extra`` may add any other
-  DeepSpeed key, never one of these (:func:`check_config`).
+  DeepSpeed key, never one of these (``DeepSpeedBackend.check`` in :mod:`trainer.config`).
 - **Non-finite updates.** With ZeRO 1-3, bf16 or fp16, DeepSpeed's optimizer wrapper computes the
   global norm of the reduced gradients inside ``engine.step()`` and skips the update itself when it
   is NaN or infinite (the norm then reads inf); ramp reads ``engine.was_step_applied()``. ZeRO 0 in
@@ -24,105 +25,32 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import warnings
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from trainer import checkpoint, distributed
-from trainer.backends import Backend, group_lrs, to_device
-from trainer.config import Config, ConfigError, Offload, OnNan, Precision
+from trainer.backends import Backend
+from trainer.config import Config, Offload, Precision
 from trainer.config import DeepSpeedBackend as DeepSpeedConfig
 from trainer.distributed import DistInfo
-from trainer.models import build_optimizer, causal_lm_loss, param_groups
+from trainer.errors import ConfigError
+from trainer.models import build_optimizer, param_groups
+
+if TYPE_CHECKING:
+    from trainer.resume import CheckpointMeta
 
 TAG = "deepspeed"
 """The engine's checkpoint tag: its files go to ``step_<N>/deepspeed/``. ramp's own ``latest``
 pointer is the only one (``save_latest=False``)."""
-
-OWNED_KEYS = {
-    "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x ranks",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum_steps",
-    "gradient_clipping": "train.max_grad_norm",
-    "bf16": "train.precision",
-    "bfloat16": "train.precision",
-    "torch_autocast": "train.precision",
-    "amp": "train.precision",
-    "optimizer": "optim.*",
-    "scheduler": "schedule.* (ramp's schedule is the only one that sets the LR)",
-    "zero_optimization.stage": "backend.zero_stage",
-    "zero_optimization.offload_optimizer": "backend.offload_optimizer",
-    "zero_optimization.offload_param": "backend.offload_params",
-    "zero_optimization.cpu_offload": "backend.offload_optimizer",
-    "zero_optimization.cpu_offload_params": "backend.offload_params",
-    "zero_optimization.compute_grad_norm": "train.on_nan (the norm decides whether an update is applied)",
-}
-"""DeepSpeed keys ramp sets from its own: one source of truth, so backend.extra may not set them."""
-
-
-def _flat_keys(tree: dict[str, Any], prefix: str = "") -> Iterator[str]:
-    for key, value in tree.items():
-        yield f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flat_keys(value, f"{prefix}{key}.")
-
-
-def _fp16_requested(extra: dict[str, Any]) -> bool:
-    fp16 = extra.get("fp16")
-    return isinstance(fp16, dict) and bool(fp16.get("enabled", False))
-
-
-def check_config(cfg: Config) -> None:
-    """Refuse what DeepSpeed would refuse later, or what would set one thing in two places."""
-    b = cfg.backend
-    assert isinstance(b, DeepSpeedConfig)
-    if b.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"backend.zero_stage={b.zero_stage} must be 0, 1, 2 or 3")
-    if b.offload_params != Offload.none and b.zero_stage != 3:
-        raise ConfigError(
-            f"backend.offload_params={b.offload_params.value} needs ZeRO 3 (only it partitions parameters); "
-            "set backend.zero_stage=3 or backend.offload_params=none"
-        )
-    if b.offload_optimizer != Offload.none and b.zero_stage == 0:
-        raise ConfigError(
-            f"backend.offload_optimizer={b.offload_optimizer.value} needs ZeRO 1, 2 or 3; "
-            "set backend.zero_stage=1 (or higher) or backend.offload_optimizer=none"
-        )
-    if cfg.train.compile:
-        raise ConfigError(
-            "train.compile=true is not supported with backend=deepspeed; set train.compile=false"
-        )
-    extra = dict(b.extra)
-    for key in _flat_keys(extra):
-        if key in OWNED_KEYS:
-            raise ConfigError(
-                f"backend.extra.{key} is set by ramp from {OWNED_KEYS[key]}; remove it from backend.extra "
-                "and set that instead"
-            )
-    if _fp16_requested(extra):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "backend.extra.fp16.enabled=true: DeepSpeed does not support fp16 on the CPU ('Type fp16 is "
-                "not supported on your device'); use train.precision=bf16 or fp32"
-            )
-        if cfg.train.precision != Precision.fp32:
-            raise ConfigError(
-                f"backend.extra.fp16.enabled=true conflicts with train.precision={cfg.train.precision.value}; "
-                "set train.precision=fp32 to train in fp16"
-            )
-        if cfg.train.on_nan == OnNan.halt:
-            raise ConfigError(
-                "backend.extra.fp16.enabled=true with train.on_nan=halt: fp16's dynamic loss scaling overflows "
-                "and skips steps by design while it calibrates; set train.on_nan=skip"
-            )
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +64,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict: ramp's keys, then backend.extra (checked by :func:`check_config`)."""
+    """The DeepSpeed config dict: ramp's keys, then ``backend.extra`` (checked by its schema)."""
     b, t = cfg.backend, cfg.train
     assert isinstance(b, DeepSpeedConfig)
     zero: dict[str, Any] = {"stage": b.zero_stage}
@@ -237,14 +165,31 @@ def _build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> tor
     )
 
 
+def check_device(cfg: Config) -> None:
+    """What only the device can tell: DeepSpeed supports fp16 on a GPU, not on the CPU.
+
+    Raises:
+        ConfigError: ``backend.extra.fp16.enabled=true`` without CUDA.
+    """
+    assert isinstance(cfg.backend, DeepSpeedConfig)
+    if cfg.backend.fp16() and not torch.cuda.is_available():
+        raise ConfigError(
+            "backend.extra.fp16.enabled=true: DeepSpeed does not support fp16 on the CPU ('Type fp16 is "
+            "not supported on your device'); use train.precision=bf16 or fp32"
+        )
+
+
 class DeepSpeedBackend(Backend):
+    """DeepSpeed's engine with ZeRO 0-3: it owns gradient reduction, backward, clipping and the step."""
+
+    name = "deepspeed"
+
     def __init__(self, cfg: Config, model: nn.Module, info: DistInfo) -> None:
         assert isinstance(cfg.backend, DeepSpeedConfig)
-        check_config(cfg)
+        check_device(cfg)
         deepspeed = import_deepspeed(info.device)
         distributed.ensure_process_group()
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed asserts it; torchrun sets it
-        self.device = info.device
         self.zero_stage = cfg.backend.zero_stage
         optimizer = _build_optimizer(cfg, model, info.device)
         self.engine, *_ = deepspeed.initialize(
@@ -252,25 +197,27 @@ class DeepSpeedBackend(Backend):
         )
         assert self.engine.lr_scheduler is None, "no scheduler may be handed to DeepSpeed's engine"
         self.module = self.engine.module
-        t = cfg.train
-        # As DDP: each rank backpropagates its share of the step's token mean; the engine averages
-        # over ranks and the micro-batches of one step add up.
-        self.loss_scale = 1.0 / (t.grad_accum_steps * t.micro_batch_size * t.seq_len)
+        self.model = self.engine
         # Any wrapper (ZeRO, bf16, fp16) checks the norm inside engine.step(); the bare torch
         # optimizer (ZeRO 0 in fp32) does not, so ramp checks before calling it.
         self.engine_checks_norm = self.engine.optimizer is not self.engine.basic_optimizer
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The groups of the optimizer the engine steps (its ZeRO wrapper's, which it copies from)."""
+        return self.engine.optimizer.param_groups
 
-    def micro_step(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
+    def accumulate(self, last: bool) -> AbstractContextManager[Any]:
+        """Tell the engine whether this micro-batch ends the step: it reduces gradients only then."""
         self.engine.set_gradient_accumulation_boundary(last)
-        loss = causal_lm_loss(self.engine, to_device(batch, self.device))
-        self.engine.backward(loss * self.loss_scale, scale_wrt_gas=False)
-        return loss.detach()
+        return contextlib.nullcontext()
 
-    def optimizer_step(self) -> tuple[torch.Tensor, bool]:
+    def backward(self, loss: torch.Tensor) -> None:
+        """``engine.backward`` without DeepSpeed's own division by the accumulation count."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        """``engine.step()`` (clip, step), unless the norm of the reduced gradients is not finite."""
         if not self.engine_checks_norm:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             # The gradients are all-reduced by now: every rank reaches the same answer without talking.
@@ -285,26 +232,20 @@ class DeepSpeedBackend(Backend):
         norm = torch.as_tensor(float(reported) if reported is not None else float("nan"))
         return norm, bool(self.engine.was_step_applied())
 
-    @torch.no_grad()
-    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        self.module.eval()
-        try:
-            # The module itself: ZeRO 3's hooks on it gather each layer's parameters as it runs.
-            return causal_lm_loss(self.module, to_device(batch, self.device))
-        finally:
-            self.module.train()
-
-    def lrs(self) -> dict[str, float]:
-        return group_lrs(self.engine.optimizer.param_groups)
-
     def save(self, folder: Path, info: DistInfo) -> None:
-        # Collective: every rank writes its shard of the optimizer (and, with ZeRO 3, of the weights).
+        """The engine's files under ``deepspeed/``; every rank writes its shards."""
         # ramp's own state is in meta.json and rank_<r>.pt, so the engine's client state stays empty.
         self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=False)
         checkpoint.fsync_tree(folder)  # DeepSpeed writes without flushing; the atomic rename needs it
 
-    def load(self, folder: Path, info: DistInfo) -> None:
-        check_resumable(folder, self.zero_stage, info.world_size)
+    def load(self, folder: Path, meta: CheckpointMeta, info: DistInfo) -> None:
+        """The engine's files, every ``torch.load`` inside forced to ``weights_only=True``.
+
+        Raises:
+            ConfigError: another ZeRO stage, or shards for another rank count.
+            RuntimeError: DeepSpeed found no checkpoint to load in the folder.
+        """
+        check_resumable(folder, meta, self.zero_stage, info.world_size)
         with weights_only_loads():
             loaded, _ = self.engine.load_checkpoint(
                 str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -313,25 +254,27 @@ class DeepSpeedBackend(Backend):
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder / TAG}")
 
 
-def check_resumable(folder: Path, zero_stage: int, world_size: int) -> None:
-    """A DeepSpeed checkpoint resumes with the stage and (when sharded) the rank count that wrote it."""
-    meta = json.loads((folder / checkpoint.META).read_text())
-    written_by = meta.get("backend", "ddp")
-    if written_by != "deepspeed" or not (folder / TAG).is_dir():
+def check_resumable(folder: Path, meta: CheckpointMeta, zero_stage: int, world_size: int) -> None:
+    """A DeepSpeed checkpoint resumes with the stage and (when sharded) the rank count that wrote it.
+
+    Raises:
+        ConfigError: naming the setting to resume it with.
+    """
+    if not (folder / TAG).is_dir():
         raise ConfigError(
-            f"run.resume: {folder} was written by backend={written_by}; resume it with backend={written_by}"
+            f"run.resume: {folder} holds no {TAG}/ folder; resume it with backend={meta.backend}"
         )
-    saved_stage = meta["config"].get("backend", {}).get("zero_stage")
+    saved_stage = meta.config.get("backend", {}).get("zero_stage")
     if saved_stage != zero_stage:
         raise ConfigError(
             f"run.resume: {folder} was written with backend.zero_stage={saved_stage}; resume it with "
             f"backend.zero_stage={saved_stage}"
         )
     sharded = any((folder / TAG).glob("*zero_pp_rank_*"))
-    if sharded and meta["world_size"] != world_size:
+    if sharded and meta.world_size != world_size:
         raise ConfigError(
-            f"run.resume: {folder} holds DeepSpeed shards for {meta['world_size']} ranks; resume it on "
-            f"{meta['world_size']} ranks (ramp does not re-split them across {world_size})"
+            f"run.resume: {folder} holds DeepSpeed shards for {meta.world_size} ranks; resume it on "
+            f"{meta.world_size} ranks (ramp does not re-split them across {world_size})"
         )
 
 

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from trainer import distributed
-from trainer.config import Config, ConfigError, DataConfig
+from trainer.config import Config, DataConfig
 from trainer.data.sampler import WindowSampler, eval_batches
 from trainer.data.sources import Source, build_source
 from trainer.data.store import TokenFiles, build, cache_key, default_cache_dir, lookup
 from trainer.data.tokenizer import load_tokenizer, train_identity
 from trainer.distributed import DistInfo
+from trainer.errors import ConfigError
 
 __all__ = ["Data", "build_data", "prepare"]
 
@@ -34,6 +35,8 @@ them inside the process group's timeout however long tokenizing takes."""
 
 @dataclass
 class Data:
+    """What training reads: the cached token files, the training sampler and the validation tokens."""
+
     files: TokenFiles
     train: WindowSampler
     val_tokens: np.ndarray
@@ -43,6 +46,7 @@ class Data:
     """The tokenizer.json the tokens were made with (None for bytes), kept next to the cached tokens."""
 
     def eval_indices(self, cfg: Config, info: DistInfo) -> list[np.ndarray]:
+        """This rank's validation sample indices, one array per micro-batch: the same every evaluation."""
         return eval_batches(
             self.val_tokens,
             cfg.train.seq_len,
@@ -108,7 +112,12 @@ def _once_per_node(build_entry: Callable[[], TokenFiles], entry: Path, info: Dis
 
 
 def build_data(cfg: Config, info: DistInfo) -> Data:
-    """Tokenize once per node (local rank 0 builds while the others wait), then memory-map on every rank."""
+    """Tokenize once per node (local rank 0 builds while the others wait), then memory-map on every rank.
+
+    Raises:
+        ConfigError: too little text for one training window, one micro-batch on every rank or (with
+            train.eval_every) one validation micro-batch; a bad source or tokenizer; a failed build.
+    """
     source, build_entry, entry = prepare(cfg.data)
     files = _once_per_node(build_entry, entry, info)
     t = cfg.train

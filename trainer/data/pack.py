@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from trainer.config import ConfigError
 from trainer.data.sources import Batch, Source
 from trainer.data.tokenizer import ByteTokenizer, Text, Tokenizer, token_dtype
+from trainer.errors import ConfigError
 
 READ_AHEAD = 4
 """Batches read ahead of the tokenizer: enough to hide a slow file, bounded to cap memory."""
@@ -124,6 +124,7 @@ class SplitWriter:
         self.documents = 0
 
     def add(self, documents: list[np.ndarray]) -> None:
+        """Append ``documents``, each followed by the end-of-document token."""
         if not documents:
             return
         pieces = [piece for ids in documents for piece in (ids, self.eos)]
@@ -152,6 +153,8 @@ class SplitWriter:
 
 @dataclass
 class PackStats:
+    """Tokens (end-of-document tokens included) and documents written, by split: "train" and "val"."""
+
     tokens: dict[str, int]
     documents: dict[str, int]
 
@@ -161,6 +164,9 @@ def pack(source: Source, tokenizer: Tokenizer, val_fraction: float, folder: Path
 
     When the hash holds out no document (a tiny corpus), the last training document moves to
     validation, so any corpus of two documents or more has a validation slice.
+
+    Raises:
+        ConfigError: the source holds no non-empty document.
     """
     dtype = token_dtype(tokenizer.vocab_size)
     last_train: np.ndarray | None = None

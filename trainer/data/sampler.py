@@ -18,12 +18,16 @@ import torch
 
 @dataclass
 class SamplerState:
+    """Where sampling stands: the pass over the data and the position in it."""
+
     epoch: int = 0
     position: int = 0
     """Samples of this pass already handed out, summed over ranks."""
 
 
 class WindowSampler:
+    """This rank's share of every micro-batch of training windows, in a seeded order per pass."""
+
     def __init__(
         self, tokens: np.ndarray, seq_len: int, micro_batch_size: int, rank: int, world_size: int, seed: int
     ) -> None:
@@ -40,6 +44,7 @@ class WindowSampler:
         self._order = np.empty(0, dtype=np.int64)
 
     def order(self, epoch: int) -> np.ndarray:
+        """The seeded permutation of sample indices for pass ``epoch`` (the current pass's is cached)."""
         if epoch != self._order_epoch:
             self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
             self._order_epoch = epoch
@@ -60,12 +65,15 @@ class WindowSampler:
         return torch.from_numpy(np.stack(windows).astype(np.int64))
 
     def next_batch(self) -> torch.Tensor:
+        """This rank's next micro-batch of training windows, int64 of shape (B, T + 1)."""
         return self.gather_from(self.tokens, self.next_indices())
 
     def state_dict(self) -> dict[str, int]:
+        """The position to save: the pass, and the samples of it handed out over all ranks."""
         return {"epoch": self.state.epoch, "position": self.state.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.state = SamplerState(int(state["epoch"]), int(state["position"]))
 
 

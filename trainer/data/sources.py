@@ -19,8 +19,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainer.config import BuiltinData, ConfigError, DataConfig, HFData, TextData
+from trainer.config import BuiltinData, DataConfig, HFData, TextData
 from trainer.data.tokenizer import Text
+from trainer.errors import ConfigError
 
 Batch = list[Text]
 """Documents' texts, none empty."""
@@ -31,14 +32,19 @@ BATCH_BYTES = 8 << 20
 
 
 class Source(Protocol):
+    """Where documents come from, as the token cache reads them."""
+
     describe: str
 
-    def fingerprint(self) -> dict[str, object]: ...
+    def fingerprint(self) -> dict[str, object]:
+        """What the cache key hashes: cheap to compute, and changed whenever the data changes."""
 
-    def batches(self) -> Iterator[Batch]: ...
+    def batches(self) -> Iterator[Batch]:
+        """The documents' texts in batches, always in the same order."""
 
 
 def batched(documents: Iterable[Text]) -> Iterator[Batch]:
+    """The non-empty texts in batches, each closed at BATCH_DOCUMENTS texts or BATCH_BYTES of text."""
     texts: list[Text] = []
     size = 0
     for text in documents:
@@ -88,16 +94,19 @@ class BuiltinSource:
             )
 
     def fingerprint(self) -> dict[str, object]:
+        """The standard library's folder, and each file's relative path, size and modification time."""
         stats = [
             (str(p.relative_to(self.root)), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.files
         ]
         return {"source": "builtin", "root": str(self.root), "files": stats}
 
     def batches(self) -> Iterator[Batch]:
+        """Each file's bytes as one document, in sorted path order."""
         return batched(path.read_bytes() for path in self.files)
 
 
 def as_list(files: Any) -> list[str]:
+    """A files value (None, one string or a list) as a list of strings."""
     if files is None:
         return []
     return [files] if isinstance(files, str) else [str(f) for f in files]
@@ -112,6 +121,9 @@ def resolve_files(patterns: list[str], key: str, suffixes: tuple[str, ...] | Non
     """Expand paths, globs (``**`` included) and folders into sorted files, each named once.
 
     A folder stands for the files under it with one of ``suffixes``.
+
+    Raises:
+        ConfigError: a glob that matches no file, a folder without such files, a path that does not exist.
     """
     found: list[Path] = []
     for pattern in patterns:
@@ -198,9 +210,11 @@ class TextSource:
                 raise _missing_field(self.field, path, names)
 
     def fingerprint(self) -> dict[str, object]:
+        """Each file's path, size and modification time, and the text field."""
         return {"source": "text", "files": file_stats(self.files), "text_field": self.field}
 
     def batches(self) -> Iterator[Batch]:
+        """The documents in file order: runs of .txt files batched together, records file by file."""
         for is_text, paths in itertools.groupby(self.files, key=lambda p: p.suffix == ".txt"):
             if is_text:  # one document per file: consecutive .txt files share batches
                 yield from batched(path.read_bytes() for path in paths)
@@ -309,6 +323,7 @@ class HFSource:
             self.kind = "hub"
 
     def fingerprint(self) -> dict[str, object]:
+        """The dataset's kind, path, name, split and text field, and its local files' sizes and times."""
         c = self.cfg
         return {
             "source": "hf",
@@ -323,7 +338,11 @@ class HFSource:
         }
 
     def load(self) -> Any:
-        """The split as a datasets Dataset or IterableDataset; downloads happen here, on the builder."""
+        """The split as a datasets Dataset or IterableDataset; downloads happen here, on the builder.
+
+        Raises:
+            ConfigError: data.split is not a split of a save_to_disk folder, or datasets cannot load it.
+        """
         import datasets
 
         c = self.cfg
@@ -362,6 +381,11 @@ class HFSource:
         return f"{text}; check data.path and data.name"
 
     def batches(self) -> Iterator[Batch]:
+        """The text field's non-empty values, BATCH_DOCUMENTS rows at a time.
+
+        Raises:
+            ConfigError: the dataset cannot be loaded, or data.text_field is not one of its text columns.
+        """
         dataset = self.load()
         field = self.cfg.text_field
         columns = dataset.column_names
@@ -386,6 +410,7 @@ class HFSource:
 
 
 def build_source(cfg: DataConfig) -> Source:
+    """The source the data option selects: data=text, data=hf or data=builtin."""
     if isinstance(cfg, TextData):
         return TextSource(cfg)
     if isinstance(cfg, HFData):

@@ -37,10 +37,13 @@ log = logging.getLogger("ramp")
 
 @dataclass(frozen=True)
 class TokenFiles:
+    """One complete cache entry: its folder and its meta.json."""
+
     path: Path
     meta: dict[str, Any]
 
     def tokens(self, split: str) -> np.ndarray:
+        """The tokens of ``split`` ("train" or "val"), memory-mapped read-only; empty when it has none."""
         dtype = np.dtype(self.meta["dtype"])
         if self.meta["tokens"][split] == 0:  # an empty file cannot be memory-mapped
             return np.zeros(0, dtype=dtype)
@@ -48,15 +51,18 @@ class TokenFiles:
 
     @property
     def tokenizer_file(self) -> Path | None:
+        """The entry's tokenizer.json, or None (the byte tokenizer has none)."""
         path = self.path / "tokenizer.json"
         return path if path.exists() else None
 
 
 def default_cache_dir() -> Path:
+    """``$RAMP_CACHE_DIR``, else ``~/.cache/ramp``."""
     return Path(os.environ.get("RAMP_CACHE_DIR") or Path.home() / ".cache" / "ramp")
 
 
 def cache_key(source: Source, tokenizer_name: str, val_fraction: float) -> str:
+    """An entry's name: 16 hex digits of the SHA-256 of the format, source, tokenizer and split."""
     blob = json.dumps(
         {
             "format": FORMAT_VERSION,
@@ -70,6 +76,7 @@ def cache_key(source: Source, tokenizer_name: str, val_fraction: float) -> str:
 
 
 def lookup(entry: Path) -> TokenFiles | None:
+    """The entry at ``entry``, or None when none has been built there (no meta.json)."""
     if (entry / "meta.json").exists():
         return TokenFiles(entry, json.loads((entry / "meta.json").read_text()))
     return None

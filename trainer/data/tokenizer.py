@@ -17,7 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
-from trainer.config import ConfigError, DataConfig
+from trainer.config import DataConfig
+from trainer.errors import ConfigError
 
 Text = str | bytes
 """A document: str, or bytes for files read raw (the byte tokenizer keeps them exact)."""
@@ -32,13 +33,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class Tokenizer(Protocol):
+    """What the packer and the token cache need of a tokenizer."""
+
     name: str
     eos_id: int
     vocab_size: int
 
-    def encode_batch(self, texts: Sequence[Text]) -> list[np.ndarray]: ...
+    def encode_batch(self, texts: Sequence[Text]) -> list[np.ndarray]:
+        """Each text's token ids, with no special tokens added."""
 
-    def to_json(self) -> str | None: ...
+    def to_json(self) -> str | None:
+        """The tokenizer.json to keep with the tokens, or None when there is nothing to keep."""
 
 
 class ByteTokenizer:
@@ -49,17 +54,21 @@ class ByteTokenizer:
     vocab_size = 257
 
     def encode(self, data: Text) -> np.ndarray:
+        """The text's UTF-8 bytes (bytes as they are) as uint8 token ids."""
         # surrogateescape: text read with errors="surrogateescape" gives back its exact bytes
         raw = data if isinstance(data, bytes) else data.encode("utf-8", errors="surrogateescape")
         return np.frombuffer(raw, dtype=np.uint8)
 
     def encode_batch(self, texts: Sequence[Text]) -> list[np.ndarray]:
+        """:meth:`encode` of each text."""
         return [self.encode(text) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``: the end-of-document token dropped, invalid UTF-8 replaced."""
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def to_json(self) -> None:
+        """None: there is no file to keep."""
         return None
 
 
@@ -84,15 +93,18 @@ class HFTokenizer:
         self.dtype = token_dtype(self.vocab_size)
 
     def encode_batch(self, texts: Sequence[Text]) -> list[np.ndarray]:
+        """Each text's token ids (bytes read as UTF-8) as uint16 or uint32 arrays, no special tokens added."""
         strings = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts]
         # encode_batch_fast skips character offsets, which packing never needs
         encodings = self.tokenizer.encode_batch_fast(strings, add_special_tokens=False)
         return [np.array(encoding.ids, dtype=self.dtype) for encoding in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``, special tokens included."""
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
     def to_json(self) -> str:
+        """The tokenizer.json to keep: the user's file as written, else the canonical form."""
         return self.json
 
 
@@ -155,7 +167,12 @@ def _from_transformers(spec: str, cfg: DataConfig) -> HFTokenizer:
 
 
 def load_tokenizer(cfg: DataConfig) -> ByteTokenizer | HFTokenizer | None:
-    """The configured tokenizer; None for data.tokenizer=train, which only exists once trained."""
+    """The configured tokenizer; None for data.tokenizer=train, which only exists once trained.
+
+    Raises:
+        ConfigError: a tokenizer.json that is missing or invalid, a tokenizer that cannot be loaded or
+            has no tokenizers-library backend, or no usable end-of-document token.
+    """
     spec = cfg.tokenizer
     if spec == "bytes":
         return ByteTokenizer()

@@ -95,16 +95,19 @@ class Progress:
         )
 
     def eta(self, step: int) -> float:
+        """Seconds left to the last step, at the mean pace of the steps taken since this display opened."""
         done = step - self.initial
         if done <= 0:
             return 0.0
         return (time.perf_counter() - self.started) / done * (self.total - step)
 
     def advance(self, step: int) -> None:
+        """Move the bar to ``step``; in lines mode, do nothing."""
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
 
     def show(self, step: int, metrics: dict[str, Any]) -> None:
+        """Show a log step's metrics: in the bar's postfix, or as one log line."""
         if self.bar is not None:
             mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
             self.bar.set_postfix_str(
@@ -126,5 +129,6 @@ class Progress:
             )
 
     def close(self) -> None:
+        """Close the bar, if there is one."""
         if self.bar is not None:
             self.bar.close()

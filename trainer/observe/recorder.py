@@ -15,8 +15,13 @@ log = logging.getLogger("ramp")
 
 
 class Sink(Protocol):
-    def write(self, record: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
+    """A destination for metric records."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write one record: metrics by name, with the global step under "step"."""
+
+    def close(self) -> None:
+        """Flush what is buffered and release the destination."""
 
 
 class JsonlSink:
@@ -27,10 +32,12 @@ class JsonlSink:
         self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append the record as one line, flushed."""
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
 
     def close(self) -> None:
+        """Close the file."""
         self.handle.close()
 
 
@@ -77,10 +84,12 @@ class Recorder:
             self.progress = Progress(logger_cfg.progress, max_steps, start_step)
 
     def step(self, step: int) -> None:
+        """Move the progress bar to optimizer step ``step``."""
         if self.progress is not None:
             self.progress.advance(step)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Send a record to every sink; show a training step on the progress display, an eval as a line."""
         for sink in self.sinks:
             sink.write(record)
         if self.progress is not None and "loss" in record:
@@ -94,6 +103,7 @@ class Recorder:
             )
 
     def close(self) -> None:
+        """Close the progress display and every sink."""
         if self.progress is not None:
             self.progress.close()
         for sink in self.sinks:
@@ -102,4 +112,5 @@ class Recorder:
 
 
 def perplexity(loss: float) -> float:
+    """exp(``loss``) for a loss in nats per token; inf from a loss of 50 up."""
     return math.exp(loss) if loss < 50 else float("inf")

@@ -82,6 +82,7 @@ class RedactFilter(logging.Filter):
     """Scrubs secret values from every log record before any handler formats it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Swap in the scrubbed message when a secret is in it; always True: no record is dropped."""
         secrets = secret_values()
         if secrets:
             message = record.getMessage()

@@ -15,6 +15,8 @@ import yaml
 
 
 class TensorboardSink:
+    """Writes each record's numbers as scalars at its global step, and a fresh run's config as text."""
+
     def __init__(self, run_dir: Path, config: dict[str, Any], start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -27,6 +29,7 @@ class TensorboardSink:
             self.writer.add_text("config", text, global_step=0)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Add the record's numeric fields (booleans excepted) as float64 scalars at its step; flush."""
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -35,4 +38,5 @@ class TensorboardSink:
         self.writer.flush()
 
     def close(self) -> None:
+        """Close the event writer."""
         self.writer.close()

@@ -156,8 +156,10 @@ class WandbSink:
             )
 
     def write(self, record: dict[str, Any]) -> None:
+        """Log the record at its step, unless the run's history already holds that step."""
         if record["step"] > self.logged_through:
             self.run.log(record, step=record["step"])
 
     def close(self) -> None:
+        """Finish the wandb run."""
         self.run.finish()

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -133,7 +134,8 @@ def test_two_ranks_make_one_wandb_run_that_every_restart_continues(job: Job) -> 
     assert len(segments) == 3  # one per start of the job, all of the same run
     for segment in segments:
         assert segment.name == f"run-{run_id}.wandb"
-        assert segment.parent.name.startswith("offline-run-") and segment.parent.name.endswith(f"-{run_id}")
+        assert segment.parent.name.startswith("offline-run-")
+        assert segment.parent.name.endswith(f"-{run_id}")
 
 
 def test_wandb_history_holds_each_step_once_and_equals_metrics_jsonl(job: Job) -> None:
@@ -164,7 +166,7 @@ def test_wandb_plots_every_series_against_the_global_step(job: Job) -> None:
     for segment in [s for s in wandb_runs(job.run_dir) if read_wandb_history(s)]:
         metrics = {}
         for payload in _wandb_payloads(segment.read_bytes()):
-            record = wandb_internal_pb2.Record()
+            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]  # generated, no stubs
             record.ParseFromString(payload)
             if record.WhichOneof("record_type") == "metric":
                 metrics[record.metric.glob_name or record.metric.name] = record.metric.step_metric
@@ -210,7 +212,9 @@ def test_every_series_is_recorded_and_mfu_follows_the_palm_formula(job: Job) -> 
     meta = json.loads((job.run_dir / "checkpoints" / f"step_{MAX_STEPS}" / "meta.json").read_text())
     m = config["model"]
     d, layers, heads, seq = m["hidden_size"], m["num_layers"], m["num_heads"], config["train"]["seq_len"]
-    assert m["arch"] == "gpt2" and m["tie_word_embeddings"] and m["intermediate_size"] is None
+    assert m["arch"] == "gpt2"
+    assert m["tie_word_embeddings"]
+    assert m["intermediate_size"] is None
     vocab = -(-meta["tokenizer_vocab"] // 64) * 64
     # GPT-2 block: qkv 3d^2+3d, proj d^2+d, MLP 8d^2+5d, two layer norms 4d; final norm 2d; tied head V*d.
     n = layers * (12 * d * d + 13 * d) + 2 * d + vocab * d
@@ -219,7 +223,9 @@ def test_every_series_is_recorded_and_mfu_follows_the_palm_formula(job: Job) -> 
     for record in train:
         assert record["mfu"] == pytest.approx(flops_per_token * record["tokens_per_s"] / (2 * PEAK), rel=1e-9)
         assert 0.05 < record["memory_gb"] < 24  # the largest rank's resident memory, in GiB
-        assert record["step_time"] > 0 and record["tokens_per_s"] > 0 and record["data_wait_s"] >= 0
+        assert record["step_time"] > 0
+        assert record["tokens_per_s"] > 0
+        assert record["data_wait_s"] >= 0
 
 
 def test_planted_secrets_appear_nowhere(job: Job) -> None:
@@ -246,13 +252,14 @@ def test_plot_draws_the_runs_metrics(job: Job, tmp_path: Path) -> None:
     loss_axes, lr_axes = figure.axes
     lines = {line.get_label(): line for axes in figure.axes for line in axes.lines}
     assert set(lines) == {"loss", "val_loss", "lr"}
-    assert lines["lr"] in lr_axes.lines and lines["loss"] in loss_axes.lines
+    assert lines["lr"] in lr_axes.lines
+    assert lines["loss"] in loss_axes.lines
     train, evals = read_metrics(job.run_dir)
-    assert list(lines["loss"].get_xdata()) == [r["step"] for r in train]
-    assert list(lines["loss"].get_ydata()) == [r["loss"] for r in train]
-    assert list(lines["lr"].get_ydata()) == [r["lr"] for r in train]
-    assert list(lines["val_loss"].get_xdata()) == [8, 16]
-    assert list(lines["val_loss"].get_ydata()) == [e["val_loss"] for e in evals]
+    assert list(np.asarray(lines["loss"].get_xdata())) == [r["step"] for r in train]
+    assert list(np.asarray(lines["loss"].get_ydata())) == [r["loss"] for r in train]
+    assert list(np.asarray(lines["lr"].get_ydata())) == [r["lr"] for r in train]
+    assert list(np.asarray(lines["val_loss"].get_xdata())) == [8, 16]
+    assert list(np.asarray(lines["val_loss"].get_ydata())) == [e["val_loss"] for e in evals]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -68,7 +68,8 @@ def test_launcher_reads_a_slurm_allocation(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("launch | node 2 of 4 on ")
-    assert "Slurm job 4242" in lines[0] and "4 processes per node" in lines[0]
+    assert "Slurm job 4242" in lines[0]
+    assert "4 processes per node" in lines[0]
     port = SLURM_PORT_BASE + 4242
     assert f"c10d rendezvous at gpu07:{port} (id 4242)" in lines[0]
     env_line = dict(item.split("=", 1) for item in lines[1].removeprefix("launch | env ").split())
@@ -97,8 +98,10 @@ def test_launcher_options_win_over_slurm_and_one_node_runs_standalone(tmp_path: 
     one = python_m("launch.run", ["--dry-run", "--nproc-per-node", "3", "x=1"], env, tmp_path)
     assert one.returncode == 0, one.stderr
     assert "standalone" in one.stdout.splitlines()[0]
-    assert "--standalone" in one.stdout and "--rdzv-endpoint" not in one.stdout
-    assert "--nproc-per-node=3" in one.stdout and one.stdout.rstrip().endswith("-m trainer.main x=1")
+    assert "--standalone" in one.stdout
+    assert "--rdzv-endpoint" not in one.stdout
+    assert "--nproc-per-node=3" in one.stdout
+    assert one.stdout.rstrip().endswith("-m trainer.main x=1")
     # An srun step on two of a job's four nodes meets on the step's nodes.
     step = clean_env(
         SLURM_JOB_ID="8",
@@ -110,13 +113,15 @@ def test_launcher_options_win_over_slurm_and_one_node_runs_standalone(tmp_path: 
     )
     two = python_m("launch.run", ["--dry-run"], step, tmp_path)
     assert two.returncode == 0, two.stderr
-    assert "--nnodes=2" in two.stdout and f"--rdzv-endpoint=n3:{SLURM_PORT_BASE + 8}" in two.stdout
+    assert "--nnodes=2" in two.stdout
+    assert f"--rdzv-endpoint=n3:{SLURM_PORT_BASE + 8}" in two.stdout
     outside = python_m(
         "launch.run", ["--dry-run", "--nnodes", "2", "--max-restarts", "3"], clean_env(), tmp_path
     )
     assert outside.returncode == 0, outside.stderr
     assert f"--rdzv-endpoint=127.0.0.1:{DEFAULT_PORT}" in outside.stdout
-    assert "--rdzv-id=ramp" in outside.stdout and "--max-restarts=3" in outside.stdout
+    assert "--rdzv-id=ramp" in outside.stdout
+    assert "--max-restarts=3" in outside.stdout
     assert f"--nproc-per-node={visible_gpus(os.environ) or 1}" in outside.stdout  # every GPU, else 1
 
 
@@ -148,7 +153,8 @@ def test_submit_writes_a_batch_script_for_n_nodes_by_g_gpus(tmp_path: Path) -> N
     assert f"export RAMP_REPO={REPO}\n" in script
     assert "set -- model=gpt2-124m 'run.name=big run' \"$@\"\n" in script
     body = script[script.index("set -- ") :]
-    assert "trap on_usr1 USR1" in body and 'scontrol requeue "$SLURM_JOB_ID"' in body
+    assert "trap on_usr1 USR1" in body
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in body
     check = subprocess.run(["bash", "-n", str(scripts[0])], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
 
@@ -172,19 +178,24 @@ def test_the_image_installs_ramp_as_the_makefile_does() -> None:
     assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime", base.group(1))
     # The same pin of the installed torch, and the same editable install with the same extras.
     pin = "import torch; print('torch==' + torch.__version__)"
-    assert pin in makefile and pin in dockerfile
+    assert pin in makefile
+    assert pin in dockerfile
     make_install = re.search(r'-c \$\(VENV\)/constraints\.txt -e "(\.\[[^\]]+\])"', makefile)
     image_install = re.search(
         r'pip install --no-cache-dir -c constraints\.txt -e "(\.\[[^\]]+\])"', dockerfile
     )
-    assert make_install is not None and image_install is not None
+    assert make_install is not None
+    assert image_install is not None
     assert image_install.group(1) == make_install.group(1)
     # Everything the package needs is copied in before it is installed.
-    include = re.search(r"include = \[([^\]]*)\]", (REPO / "pyproject.toml").read_text())
-    assert include is not None
-    for package in re.findall(r'"(\w+)\*"', include.group(1)):
+    packages = re.search(r"^packages = \[([^\]]*)\]", (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert packages is not None
+    top_level = {name.split(".")[0] for name in re.findall(r'"([\w.]+)"', packages.group(1))}
+    assert top_level == {"trainer", "launch"}
+    for package in top_level:
         assert f"COPY {package} ./{package}" in dockerfile
     assert "COPY conf ./conf" in dockerfile
+    assert "COPY pyproject.toml README.md LICENSE ./" in dockerfile
     assert 'ENTRYPOINT ["/opt/ramp/docker/entrypoint.sh"]' in dockerfile
 
 

@@ -10,20 +10,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from tests.helpers import REPO, own_lines, run_ramp
-from trainer.config import Config, ConfigError, DataConfig, HFData, TextData, register_configs, to_config
+from trainer.config import Config, DataConfig, HFData, TextData, compose
 from trainer.data import build_data, prepare
 from trainer.distributed import DistInfo
+from trainer.errors import ConfigError
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 
 
 def config(*overrides: str) -> Config:
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return to_config(compose("config", overrides=list(overrides)))
+    return compose(overrides)
 
 
 def build(cfg: DataConfig) -> None:
@@ -159,43 +156,3 @@ def test_a_tokenizer_without_an_end_of_document_token(tmp_path: Path) -> None:
 def test_bad_values_fail_at_start_up(overrides: list[str], named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
         config(*overrides)
-
-
-def test_missing_file_end_to_end_exits_2_with_one_line(tmp_path: Path, cache_dir: Path) -> None:
-    result = run_ramp(
-        ["data=text", "data.files=corpus/*.txt"], cwd=tmp_path, cache_dir=cache_dir, nproc=0, timeout=120
-    )
-    assert result.returncode == 2
-    assert (
-        result.stderr.strip()
-        == "ramp: error: data.files=corpus/*.txt matches no file; check the pattern and the working folder"
-    )
-    assert "Traceback" not in result.stdout + result.stderr
-    assert not (tmp_path / "outputs").exists()
-
-
-@pytest.mark.slow
-def test_offline_tokenizer_and_dataset_fail_under_torchrun_once(tmp_path: Path, cache_dir: Path) -> None:
-    """The hub dataset fails inside the node's builder; the waiting rank must not hang."""
-    (tmp_path / "a.txt").write_text("hello")
-    tokenizer = run_ramp(
-        ["data=text", "data.files=a.txt", "data.tokenizer=ramp-tests/no-such-tokenizer"],
-        cwd=tmp_path,
-        cache_dir=cache_dir,
-        timeout=120,
-    )
-    dataset = run_ramp(
-        ["data=hf", "data.path=ramp-tests/no-such-dataset"], cwd=tmp_path, cache_dir=cache_dir, timeout=120
-    )
-    for result, key in (
-        (tokenizer, "data.tokenizer=ramp-tests/no-such-tokenizer"),
-        (dataset, "data.path=ramp-tests/no-such-dataset"),
-    ):
-        assert result.returncode != 0
-        errors = [line for line in own_lines(result.stderr) if line.startswith("ramp: error:")]
-        assert len(errors) == 1 and key in errors[0], result.stderr
-        assert "offline" in errors[0].lower() or "HF_HUB_OFFLINE" in errors[0]
-        assert f'File "{REPO / "trainer"}' not in result.stderr, (
-            "no traceback from ramp (torchrun prints its own)"
-        )
-    assert not (tmp_path / "outputs").exists()

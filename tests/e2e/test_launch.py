@@ -103,7 +103,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tupl
     cwd = tmp_path_factory.mktemp("two-nodes")
     port = free_port()
     env = launch_env(cache_dir)
-    nodes = []
+    nodes: list[subprocess.Popen[bytes]] = []
     try:
         for node in (0, 1):
             cmd = [sys.executable, "-m", "launch.run", "--nnodes=2", "--nproc-per-node=1"]
@@ -117,9 +117,9 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tupl
             time.sleep(0.2)
         codes = [node.poll() for node in nodes]
     finally:
-        for node in nodes:
-            if node.poll() is None:
-                kill_job(node)
+        for proc in nodes:
+            if proc.poll() is None:
+                kill_job(proc)
     logs = [(cwd / f"node{node}.log").read_text() for node in (0, 1)]
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     return cwd, logs
@@ -131,7 +131,8 @@ def test_two_launchers_meet_as_two_nodes_and_train_with_world_size_2(
     cwd, logs = two_nodes
     for node, log in enumerate(logs):
         assert f"launch | node {node} of 2 on " in log
-        assert "c10d rendezvous at 127.0.0.1:" in log and "(id two-nodes)" in log
+        assert "c10d rendezvous at 127.0.0.1:" in log
+        assert "(id two-nodes)" in log
         assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in log
     # Rank 0 (on whichever node joined first) speaks for the world of 2.
     spoken = [log for log in logs if "world 2 |" in log]
@@ -273,18 +274,22 @@ def test_an_sbatch_job_trains_2_ranks_to_completion_and_a_requeue_after_that_jus
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert info["Restarts"] == "0", "a run that was not signalled must not be requeued"
     assert f"launch | node 0 of 1 on {expand_nodelist(info['NodeList'])[0]} | Slurm job {job} |" in log
-    assert "world 2 |" in log and f"ramp | done: {MAX_STEPS} steps" in log
-    assert "SIGUSR1" not in log and "requeue" not in log
+    assert "world 2 |" in log
+    assert f"ramp | done: {MAX_STEPS} steps" in log
+    assert "SIGUSR1" not in log
+    assert "requeue" not in log
     assert series(tmp_path / "outputs" / "run") == series(two_nodes[0] / "outputs" / "run")
     assert list((tmp_path / "logs" / job / "node0").glob("*/attempt_0/1/stdout.log"))
     # Requeued by accident after it finished, the run finds its last checkpoint and just exits.
     subprocess.run(["scontrol", "requeue", job], env=env, timeout=60, check=True)
     info = wait_for_job(job, env, timeout=240)
     again = (tmp_path / "logs" / f"ramp-test-{job}.out").read_text()[len(log) :]
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", again
+    assert info["JobState"] == "COMPLETED", again
+    assert info["Restarts"] == "1", again
     assert f"job {job}, restart 1:" in again
     assert f"outputs/run/checkpoints/step_{MAX_STEPS} already reached train.max_steps={MAX_STEPS}" in again
-    assert "step 1/" not in again and "requeueing" not in again
+    assert "step 1/" not in again
+    assert "requeueing" not in again
     assert series(tmp_path / "outputs" / "run") == series(two_nodes[0] / "outputs" / "run")
 
 
@@ -307,7 +312,8 @@ def test_a_signalled_slurm_job_checkpoints_requeues_and_resumes_exactly(
     assert len(stopped) == 1, log[-3000:]
     step = stopped[0]
     assert 3 <= int(step) < MAX_STEPS
-    assert f"requeueing job {job}" in log and f"job {job}, restart 1:" in log
+    assert f"requeueing job {job}" in log
+    assert f"job {job}, restart 1:" in log
     assert f"resuming from outputs/run/checkpoints/step_{step} at step {step}" in log
     train, _ = read_metrics(run_dir)
     assert [r["step"] for r in train] == list(range(1, MAX_STEPS + 1))  # each step exactly once

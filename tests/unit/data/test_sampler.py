@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
-from tests.helpers import REPO, run_worker
+from trainer.config import compose
+from trainer.data import build_data
 from trainer.data.sampler import WindowSampler, eval_batches
+from trainer.distributed import DistInfo
+from trainer.testing import run_distributed
 
 
 def samplers(num_tokens: int, seq_len: int, micro: int, world: int, seed: int = 3) -> list[WindowSampler]:
@@ -98,35 +100,63 @@ def test_evaluation_reads_the_same_leading_windows_split_across_ranks() -> None:
 SEQ_LEN, MICRO = 16, 3
 
 
-def sample_on_two_ranks(
-    tmp_path: Path, cache_dir: Path, prefix: str, start: str, draws: int
-) -> list[dict[str, Any]]:
+def draw_on_this_rank(
+    info: DistInfo, overrides: list[str], start: dict[str, int] | None, draws: int
+) -> dict[str, Any]:
+    """Build the data as a run does, then draw micro-batches: per draw, the state before it, the pass,
+    the sample indices and the batch's token ids."""
+    data = build_data(compose(overrides), info)
+    sampler = data.train
+    if start is not None:
+        sampler.load_state_dict(start)
+    records = []
+    for _ in range(draws):
+        state = sampler.state_dict()
+        indices = sampler.next_indices()
+        batch = sampler.gather_from(sampler.tokens, indices)
+        records.append(
+            {
+                "state": state,
+                "epoch": sampler.state.epoch,
+                "indices": indices.tolist(),
+                "batch": batch.tolist(),
+            }
+        )
+    entry = str(data.files.path)
+    return {
+        "num_samples": sampler.num_samples,
+        "global_batch": sampler.global_batch,
+        "entry": entry,
+        "records": records,
+    }
+
+
+def sample_on_two_ranks(tmp_path: Path, start: dict[str, int] | None, draws: int) -> list[dict[str, Any]]:
     overrides = [
         "data=text",
         f"data.files={tmp_path / 'corpus'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
         "data.val_fraction=0.2",
         f"train.seq_len={SEQ_LEN}",
         f"train.micro_batch_size={MICRO}",
         "train.eval_every=0",
         "train.seed=7",
     ]
-    args = [str(REPO / "conf"), str(tmp_path / prefix), start, str(draws), *overrides]
-    run_worker("data_sampler.py", args, cwd=tmp_path, cache_dir=cache_dir)
-    return [json.loads((tmp_path / f"{prefix}.rank{rank}.json").read_text()) for rank in range(2)]
+    return run_distributed(draw_on_this_rank, overrides, start, draws)
 
 
-@pytest.mark.slow
 def test_two_ranks_split_each_pass_and_resume_mid_pass(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(24):
         (corpus / f"{i:02d}.txt").write_text(f"document {i}: " + "abcdefghij"[i % 10] * (40 + 7 * i))
-    cache = tmp_path / "cache"
-    full = sample_on_two_ranks(tmp_path, cache, "full", "0", draws=60)
+    full = sample_on_two_ranks(tmp_path, None, draws=60)
     num_samples, global_batch = full[0]["num_samples"], full[0]["global_batch"]
-    assert global_batch == 2 * MICRO and full[1]["num_samples"] == num_samples
+    assert global_batch == 2 * MICRO
+    assert full[1]["num_samples"] == num_samples
     per_pass, tail = divmod(num_samples, global_batch)
-    assert tail > 0 and 2 * per_pass < 60, "the corpus must leave a tail and the run must cross two passes"
+    assert tail > 0, "the corpus must leave a tail"
+    assert 2 * per_pass < 60, "the run must cross two passes"
 
     # every batch holds the token windows its indices name, read back from the cached file
     meta = json.loads((Path(full[0]["entry"]) / "meta.json").read_text())
@@ -150,7 +180,8 @@ def test_two_ranks_split_each_pass_and_resume_mid_pass(tmp_path: Path) -> None:
 
     # a restart from the state saved after 27 micro-batches (mid-pass 2) draws exactly the rest
     saved = full[0]["records"][27]["state"]
-    assert saved == full[1]["records"][27]["state"] and 0 < saved["position"] < num_samples
-    resumed = sample_on_two_ranks(tmp_path, cache, "resumed", json.dumps(saved), draws=60 - 27)
+    assert saved == full[1]["records"][27]["state"]
+    assert 0 < saved["position"] < num_samples
+    resumed = sample_on_two_ranks(tmp_path, saved, draws=60 - 27)
     for rank in range(2):
         assert resumed[rank]["records"] == full[rank]["records"][27:]

@@ -6,15 +6,18 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.helpers import REPO, transformers_lrs
+from trainer.config import compose
 from trainer.observe import flops
 from trainer.observe.redact import MASK, RedactFilter, redact, scrub, scrubbed_argv
-from trainer.schedule_plot import compose_config, key_points, main, schedule_of
+from trainer.schedule_plot import key_points, main
 
 # --- secrets -------------------------------------------------------------------------------------
 
@@ -22,7 +25,7 @@ from trainer.schedule_plot import compose_config, key_points, main, schedule_of
 def test_redact_masks_secret_keys_at_any_depth_and_scrubs_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", "wk-0123456789abcdef")
     monkeypatch.setenv("HOME_DIR_NAME", "not-a-secret-name")
-    config = {
+    config: dict[str, Any] = {
         "model": {"extra": {"hub_token": "hf_config_value_123", "use_cache": False}},
         "db": {"password": "short", "Auth": {"user": "u"}},
         "run": {"name": "n", "note": "key wk-0123456789abcdef inside", "tags": ["wk-0123456789abcdef"]},
@@ -131,11 +134,11 @@ def test_schedule_plot_draws_the_transformers_curve(
     out = tmp_path / "lr.png"
     figure = main([*overrides, "train.max_steps=400", "--out", str(out)])
     (line,) = [line for line in figure.axes[0].lines if line.get_label() == "lr"]
-    assert list(line.get_xdata()) == list(range(1, 401))
+    assert list(np.asarray(line.get_xdata())) == list(range(1, 401))
     expected = transformers_lrs(name, 6e-4, warmup, 400, **kwargs)
-    assert list(line.get_ydata()) == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    assert list(np.asarray(line.get_ydata())) == pytest.approx(expected, rel=1e-12, abs=1e-18)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    points = key_points(schedule_of(compose_config([*overrides, "train.max_steps=400"])))
+    points = key_points(compose([*overrides, "train.max_steps=400"]).lr_schedule)
     assert points.warmup_end == (warmup, pytest.approx(6e-4))
     assert points.peak == (warmup, pytest.approx(6e-4))
     assert points.end == (400, pytest.approx(expected[-1], abs=1e-18))
@@ -148,7 +151,8 @@ def test_schedule_plot_cli_prints_key_values_without_building_a_model(tmp_path: 
         "sys.argv = ['schedule_plot', 'schedule=warmup_stable_decay', 'train.max_steps=1000',"
         " 'schedule.warmup_steps=100', 'schedule.decay_ratio=0.2', 'schedule.min_lr_ratio=0.1']\n"
         "runpy.run_module('trainer.schedule_plot', run_name='__main__')\n"
-        "heavy = [m for m in ('torch', 'transformers', 'trainer.models', 'trainer.data') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trainer.models', 'trainer.data')"
+        " if m in sys.modules]\n"
         "print('imported:', heavy)\n"
     )
     result = subprocess.run(

@@ -6,7 +6,7 @@ pre-hook on the torch optimizer records the LR of every parameter group each tim
 steps it, which the test compares with ramp's schedule. Then a NaN gradient is injected into ZeRO 0
 and ZeRO 3 engines to show that no non-finite update reaches weights or optimizer state.
 
-Usage: deepspeed_parity.py CONF_DIR ROOT; rank 0 writes ROOT/report.json.
+Usage: deepspeed_parity.py ROOT; rank 0 writes ROOT/report.json.
 """
 
 from __future__ import annotations
@@ -18,18 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
+from tests.helpers import one_step, random_batch, tiny_backend
 from trainer import distributed
 from trainer.backends import build_backend
-from trainer.config import Config, register_configs, to_config
+from trainer.config import Config, compose
 from trainer.data import build_data
 from trainer.loop import Trainer, TrainState
 from trainer.models import build_model
 from trainer.observe import Recorder
 from trainer.preemption import StopSignal
-from trainer.schedules import build_schedule
 
 MAX_STEPS = 6
 COMMON = [
@@ -72,13 +70,9 @@ RUNS += [
 ]
 
 
-def config(conf_dir: str, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
-    """The typed config and the resolved tree a checkpoint records (export rebuilds the model from it)."""
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        dcfg = compose("config", overrides=[*COMMON, *overrides])
-    resolved = OmegaConf.to_container(dcfg, resolve=True, enum_to_str=True)
-    assert isinstance(resolved, dict)
-    return to_config(dcfg), resolved
+def config(overrides: list[str]) -> Config:
+    """The typed config of one run of the job."""
+    return compose([*COMMON, *overrides])
 
 
 def record_applied_lrs(backend: Any, calls: list[dict[str, Any]]) -> None:
@@ -96,8 +90,9 @@ def record_applied_lrs(backend: Any, calls: list[dict[str, Any]]) -> None:
     engine.basic_optimizer.register_step_pre_hook(hook)
 
 
-def train(conf_dir: str, root: Path, name: str, overrides: list[str], info: Any) -> dict[str, Any]:
-    cfg, resolved = config(conf_dir, [*overrides, f"run.dir={root / name}"])
+def train(root: Path, name: str, overrides: list[str], info: Any) -> dict[str, Any]:
+    """Train one configuration through ramp's loop into ``root/name``; what the test compares."""
+    cfg = config([*overrides, f"run.dir={root / name}"])
     run_dir = root / name
     if info.is_main:
         run_dir.mkdir(parents=True)
@@ -108,13 +103,13 @@ def train(conf_dir: str, root: Path, name: str, overrides: list[str], info: Any)
         cfg, build_model(cfg.model, tokenizer_vocab=data.vocab_size, eos_id=data.eos_id), info
     )
     torch.manual_seed(cfg.train.seed + info.rank)
-    schedule = build_schedule(cfg.schedule, max_steps=cfg.train.max_steps, peak_lr=cfg.optim.lr)
+    schedule = cfg.lr_schedule
     report: dict[str, Any] = {"schedule": [schedule.lr(k) for k in range(1, MAX_STEPS + 1)]}
     calls: list[dict[str, Any]] = []
     if cfg.backend.name == "deepspeed":
         record_applied_lrs(backend, calls)
     recorder = Recorder(info.is_main, run_dir, {"run": {"name": name}}, cfg.logger, MAX_STEPS, start_step=0)
-    trainer = Trainer(cfg, info, backend, data, schedule, recorder, run_dir, resolved)
+    trainer = Trainer(cfg, info, backend, data, schedule, recorder, run_dir, cfg.to_dict())
     trainer.fit(TrainState(), StopSignal(info))
     recorder.close()
     if cfg.backend.name == "deepspeed":
@@ -144,21 +139,15 @@ def optimizer_state(backend: Any) -> list[torch.Tensor]:
     return [v.detach().clone() for s in state.values() for v in s.values() if torch.is_tensor(v)]
 
 
-def nan_step(conf_dir: str, stage: int, info: Any) -> dict[str, Any]:
+def nan_step(stage: int, info: Any) -> dict[str, Any]:
     """One clean step, then a step whose gradients are all NaN: nothing may change."""
-    cfg, _ = config(conf_dir, ["backend=deepspeed", f"backend.zero_stage={stage}"])
-    torch.manual_seed(0)
-    backend: Any = build_backend(cfg, build_model(cfg.model, tokenizer_vocab=257, eos_id=256), info)
-    generator = torch.Generator().manual_seed(10 + info.rank)
-    batch = torch.randint(0, 257, (2, 65), generator=generator)
-    backend.set_lr(1e-3)
-    backend.micro_step(batch, last=True)
-    clean_norm, clean_applied = backend.optimizer_step()
+    backend: Any = tiny_backend(config(["backend=deepspeed", f"backend.zero_stage={stage}"]), info)
+    batch = random_batch(10 + info.rank, width=65)
+    clean_norm, clean_applied = one_step(backend, batch)
     weights, moments = full_weights(backend), optimizer_state(backend)
     handle = backend.module.lm_head.register_forward_hook(lambda m, i, out: out * float("nan"))
-    backend.micro_step(batch, last=True)
+    norm, applied = one_step(backend, batch)
     handle.remove()
-    norm, applied = backend.optimizer_step()
     report = {
         "clean_applied": clean_applied,
         "clean_norm_finite": bool(torch.isfinite(clean_norm)),
@@ -171,8 +160,7 @@ def nan_step(conf_dir: str, stage: int, info: Any) -> dict[str, Any]:
         and all(torch.equal(a, b) for a, b in zip(moments, optimizer_state(backend), strict=True)),
     }
     # The next clean step trains again.
-    backend.micro_step(batch, last=True)
-    report["applied_after"] = backend.optimizer_step()[1]
+    report["applied_after"] = one_step(backend, batch)[1]
     report["weights_changed_after"] = not all(
         torch.equal(a, b) for a, b in zip(weights, full_weights(backend), strict=True)
     )
@@ -182,14 +170,13 @@ def nan_step(conf_dir: str, stage: int, info: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    conf_dir, root = sys.argv[1], Path(sys.argv[2])
-    register_configs()
+    root = Path(sys.argv[1])
     info = distributed.setup()
     report: dict[str, Any] = {}
     for name, overrides in RUNS:
-        report[name] = train(conf_dir, root, name, overrides, info)
+        report[name] = train(root, name, overrides, info)
     for stage in (0, 3):
-        report[f"nan-zero{stage}"] = nan_step(conf_dir, stage, info)
+        report[f"nan-zero{stage}"] = nan_step(stage, info)
     if info.is_main:
         (root / "report.json").write_text(json.dumps(report))
     distributed.teardown()

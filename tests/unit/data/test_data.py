@@ -6,6 +6,7 @@ import json
 import logging
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import datasets
 import numpy as np
@@ -13,17 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
-from tests.helpers import REPO
-from trainer.config import DataConfig, HFData, TextData, register_configs, to_config
+from trainer.config import DataConfig, HFData, TextData, compose
 from trainer.data import build_data, prepare
 from trainer.data.pack import is_validation
 from trainer.data.store import TokenFiles
 from trainer.distributed import DistInfo
 from trainer.models import build_model
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 EOS = 256  # the byte tokenizer's end-of-document token
 
@@ -48,7 +50,8 @@ def split_documents(tokens: np.ndarray, eos: int) -> list[list[int]]:
     """Token ids between end-of-document tokens (every document ends with one)."""
     ids = tokens.tolist()
     assert not ids or ids[-1] == eos, "a packed file ends with the end-of-document token"
-    docs, current = [], []
+    docs: list[list[int]] = []
+    current: list[int] = []
     for token in ids:
         if token == eos:
             docs.append(current)
@@ -70,7 +73,8 @@ def expected_split(texts: list[str], val_fraction: float) -> tuple[list[int], li
 
 def assert_byte_documents(files: TokenFiles, texts: list[str], val_fraction: float) -> None:
     train_pos, val_pos = expected_split(texts, val_fraction)
-    assert val_pos and train_pos, "the test corpus must populate both splits"
+    assert val_pos, "the test corpus must populate both splits"
+    assert train_pos, "the test corpus must populate both splits"
     for split, positions in (("train", train_pos), ("val", val_pos)):
         tokens = files.tokens(split)
         expected = b"".join(texts[i].encode() + b"\x00" for i in positions)
@@ -97,7 +101,8 @@ def test_text_files_are_one_document_each_and_byte_exact(tmp_path: Path) -> None
         files=str(tmp_path / "corpus" / "*.txt"), val_fraction=0.25, cache_dir=str(tmp_path / "cache")
     )
     files = build(cfg)
-    assert files.meta["vocab_size"] == 257 and files.meta["eos_id"] == EOS
+    assert files.meta["vocab_size"] == 257
+    assert files.meta["eos_id"] == EOS
     assert files.tokenizer_file is None
     assert_byte_documents(files, DOCS, 0.25)
 
@@ -219,6 +224,7 @@ def test_tokenizer_json_path(tmp_path: Path) -> None:
     )
     files = build(cfg)
     eos_id = tokenizer.token_to_id("<|endoftext|>")
+    assert isinstance(eos_id, int)
     assert files.meta["eos_id"] == eos_id
     assert files.meta["vocab_size"] == tokenizer.get_vocab_size() == 600
     assert files.tokenizer_file is not None
@@ -234,6 +240,7 @@ def test_autotokenizer_folder_with_its_own_eos_token(tmp_path: Path) -> None:
     )
     reference = AutoTokenizer.from_pretrained(folder)
     eos_id = reference.convert_tokens_to_ids("</doc>")
+    assert isinstance(eos_id, int)
     write_txt(tmp_path / "corpus", texts)
     cfg = TextData(
         files=str(tmp_path / "corpus"), tokenizer=str(folder), val_fraction=0.2, cache_dir=str(tmp_path / "c")
@@ -263,11 +270,11 @@ def test_train_learns_a_bpe_of_vocab_size_on_the_training_documents(tmp_path: Pa
 
     files = build(cfg("a"))
     assert files.meta["vocab_size"] == 700
-    assert (
-        files.tokenizer_file is not None and files.tokenizer_file.parent == files.path
-    )  # next to the tokens
+    assert files.tokenizer_file is not None
+    assert files.tokenizer_file.parent == files.path
     trained = Tokenizer.from_file(str(files.tokenizer_file))
     eos_id = trained.token_to_id("<|endoftext|>")
+    assert isinstance(eos_id, int)
     assert files.meta["eos_id"] == eos_id
     for text in [*texts[:5], "Grüße, 世界! \t tabs\n\nand ünïcödé"]:
         assert trained.decode(trained.encode(text).ids) == text  # byte-level: everything round-trips
@@ -296,7 +303,8 @@ def test_a_vocabulary_above_65536_is_stored_as_uint32(tmp_path: Path) -> None:
             cache_dir=str(tmp_path / "c"),
         )
     )
-    assert files.meta["dtype"] == "uint32" and files.meta["vocab_size"] == 70_001
+    assert files.meta["dtype"] == "uint32"
+    assert files.meta["vocab_size"] == 70_001
     assert_tokenized_with(files, texts, tokenizer, 70_000)
 
 
@@ -305,9 +313,18 @@ def test_parallel_tokenizing_writes_the_same_tokens(tmp_path: Path) -> None:
     write_txt(tmp_path / "corpus", texts)
     tokenizer_file = tmp_path / "tokenizer.json"
     bpe(texts, 500, "<|endoftext|>").save(str(tokenizer_file))
-    common = {"files": str(tmp_path / "corpus"), "tokenizer": str(tokenizer_file), "val_fraction": 0.2}
-    one = build(TextData(**common, num_proc=1, cache_dir=str(tmp_path / "one")))
-    two = build(TextData(**common, num_proc=2, cache_dir=str(tmp_path / "two")))
+
+    def cfg(num_proc: int, cache: str) -> TextData:
+        return TextData(
+            files=str(tmp_path / "corpus"),
+            tokenizer=str(tokenizer_file),
+            val_fraction=0.2,
+            num_proc=num_proc,
+            cache_dir=str(tmp_path / cache),
+        )
+
+    one = build(cfg(1, "one"))
+    two = build(cfg(2, "two"))
     for name in ("train.bin", "val.bin", "tokenizer.json"):
         assert (one.path / name).read_bytes() == (two.path / name).read_bytes()
 
@@ -324,24 +341,35 @@ def test_second_build_reuses_the_cache_without_tokenizing(
     )
     with caplog.at_level(logging.INFO, logger="ramp"):
         first = build(cfg)
-    assert "ramp | data: tokenizing" in caplog.text and "reusing cached tokens" not in caplog.text
+    assert "ramp | data: tokenizing" in caplog.text
+    assert "reusing cached tokens" not in caplog.text
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first.path.iterdir()}
     assert set(before) == {"train.bin", "val.bin", "meta.json", "tokenizer.json"}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="ramp"):
         second = build(cfg)
-    assert "reusing cached tokens" in caplog.text and "tokenizing" not in caplog.text
+    assert "reusing cached tokens" in caplog.text
+    assert "tokenizing" not in caplog.text
     assert second.path == first.path
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in second.path.iterdir()} == before
     assert [p.name for p in (tmp_path / "c").iterdir()] == [first.path.name]  # no leftover staging folders
 
 
+class TextChanges(TypedDict, total=False):
+    """The ``TextData`` settings a cache-key test varies."""
+
+    num_proc: int
+    val_fraction: float
+    tokenizer: str
+    vocab_size: int
+
+
 def test_the_cache_key_follows_source_tokenizer_and_split(tmp_path: Path) -> None:
     paths = write_txt(tmp_path / "corpus", DOCS)
-    base = {"files": str(tmp_path / "corpus"), "cache_dir": str(tmp_path / "c")}
 
-    def entry(**changes: object) -> str:
-        return prepare(TextData(**{**base, **changes}))[2].name
+    def entry(**changes: Unpack[TextChanges]) -> str:
+        cfg = TextData(files=str(tmp_path / "corpus"), cache_dir=str(tmp_path / "c"), **changes)
+        return prepare(cfg)[2].name
 
     key = entry()
     assert entry(num_proc=2) == key  # how it is built does not change what is built
@@ -354,7 +382,6 @@ def test_the_cache_key_follows_source_tokenizer_and_split(tmp_path: Path) -> Non
 
 def test_build_data_sizes_the_model_to_the_tokenizer(tmp_path: Path) -> None:
     write_txt(tmp_path / "corpus", corpus_texts(40))
-    register_configs()
     overrides = [
         "data=text",
         f"data.files={tmp_path / 'corpus'}",
@@ -364,13 +391,15 @@ def test_build_data_sizes_the_model_to_the_tokenizer(tmp_path: Path) -> None:
         f"data.cache_dir={tmp_path / 'cache'}",
         "train.eval_steps=1",
     ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=overrides))
+    cfg = compose(overrides)
     data = build_data(cfg, DistInfo(0, 0, 1, 1, torch.device("cpu")))
-    assert data.vocab_size == 700 and data.tokenizer_file is not None
+    assert data.vocab_size == 700
+    assert data.tokenizer_file is not None
     model = build_model(cfg.model, tokenizer_vocab=data.vocab_size, eos_id=data.eos_id)
+    assert isinstance(model, PreTrainedModel)
     assert model.get_input_embeddings().num_embeddings == 704  # padded up to a multiple of 64
     data.save_tokenizer(tmp_path)
     assert (tmp_path / "tokenizer.json").read_bytes() == data.tokenizer_file.read_bytes()
     batch = data.train.next_batch()
-    assert batch.shape == (8, 257) and int(batch.max()) < 700
+    assert batch.shape == (8, 257)
+    assert int(batch.max()) < 700

@@ -1,4 +1,5 @@
-"""Your own files end to end: two real ranks, a tokenizer trained on the corpus, the cache reused."""
+"""Your own files end to end: two real ranks, a tokenizer trained on the corpus, the cache reused;
+bad data input as a user meets it: one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from tests.helpers import read_metrics, run_ramp
+from tests.helpers import REPO, own_lines, read_metrics, run_ramp
 
 pytestmark = pytest.mark.slow
 
@@ -19,14 +20,19 @@ def stats(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
 
-def test_text_corpus_with_a_trained_tokenizer_then_a_cached_second_run(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
+def write_corpus(corpus: Path) -> list[Path]:
+    """50 .txt files and one .jsonl of 10 records, from the standard library's sources (returned)."""
     corpus.mkdir()
     stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
     for path in stdlib[:50]:
         (corpus / f"{path.stem}.txt").write_bytes(path.read_bytes())
     rows = [{"text": path.read_text(errors="replace"), "origin": path.name} for path in stdlib[50:]]
     (corpus / "more.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    return stdlib
+
+
+def test_text_corpus_with_a_trained_tokenizer_then_a_cached_second_run(tmp_path: Path) -> None:
+    stdlib = write_corpus(tmp_path / "corpus")
     cache = tmp_path / "cache"
     common = [
         "data=text",
@@ -51,7 +57,8 @@ def test_text_corpus_with_a_trained_tokenizer_then_a_cached_second_run(tmp_path:
     assert [r["step"] for r in train] == list(range(1, 7))
     assert [r["tokens"] for r in train] == [4096 * k for k in range(1, 7)]
     for record in train:
-        assert math.isfinite(record["loss"]) and record["loss"] < math.log(512) + 1
+        assert math.isfinite(record["loss"])
+        assert record["loss"] < math.log(512) + 1
         assert record["data_wait_s"] >= 0
     waited = sum(r["data_wait_s"] for r in train)
     stepped = sum(r["step_time"] for r in train)
@@ -72,7 +79,8 @@ def test_text_corpus_with_a_trained_tokenizer_then_a_cached_second_run(tmp_path:
     second = run_ramp([*common, "run.name=second"], cwd=tmp_path, cache_dir=cache)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"ramp | data: reusing cached tokens in {entry}" in second.stdout
-    assert "tokenizing" not in second.stdout and "trained a byte-level BPE" not in second.stdout
+    assert "tokenizing" not in second.stdout
+    assert "trained a byte-level BPE" not in second.stdout
     assert stats(entry) == before  # not rewritten: same files, same modification times
     assert [p for p in cache.iterdir() if p.is_dir()] == [entry]
     assert (tmp_path / "outputs" / "second" / "tokenizer.json").read_bytes() == saved.read_bytes()
@@ -80,3 +88,43 @@ def test_text_corpus_with_a_trained_tokenizer_then_a_cached_second_run(tmp_path:
     assert [r["loss"] for r in read_metrics(tmp_path / "outputs" / "second")[0]] == pytest.approx(
         [r["loss"] for r in train], rel=1e-5
     )
+
+
+def test_missing_file_end_to_end_exits_2_with_one_line(tmp_path: Path, cache_dir: Path) -> None:
+    result = run_ramp(
+        ["data=text", "data.files=corpus/*.txt"], cwd=tmp_path, cache_dir=cache_dir, nproc=0, timeout=120
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "ramp: error: data.files=corpus/*.txt matches no file; check the pattern and the working folder"
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_offline_tokenizer_and_dataset_fail_under_torchrun_once(tmp_path: Path, cache_dir: Path) -> None:
+    """The hub dataset fails inside the node's builder; the waiting rank must not hang."""
+    (tmp_path / "a.txt").write_text("hello")
+    tokenizer = run_ramp(
+        ["data=text", "data.files=a.txt", "data.tokenizer=ramp-tests/no-such-tokenizer"],
+        cwd=tmp_path,
+        cache_dir=cache_dir,
+        timeout=120,
+    )
+    dataset = run_ramp(
+        ["data=hf", "data.path=ramp-tests/no-such-dataset"], cwd=tmp_path, cache_dir=cache_dir, timeout=120
+    )
+    for result, key in (
+        (tokenizer, "data.tokenizer=ramp-tests/no-such-tokenizer"),
+        (dataset, "data.path=ramp-tests/no-such-dataset"),
+    ):
+        assert result.returncode != 0
+        errors = [line for line in own_lines(result.stderr) if line.startswith("ramp: error:")]
+        assert len(errors) == 1, result.stderr
+        assert key in errors[0], result.stderr
+        assert "offline" in errors[0].lower() or "HF_HUB_OFFLINE" in errors[0]
+        assert f'File "{REPO / "trainer"}' not in result.stderr, (
+            "no traceback from ramp (torchrun prints its own)"
+        )
+    assert not (tmp_path / "outputs").exists()

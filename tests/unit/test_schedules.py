@@ -15,8 +15,8 @@ import torch
 import transformers
 from _pytest.mark.structures import ParameterSet
 
-from trainer.config import SCHEDULE_SCHEMAS, ConfigError
-from trainer.schedules import Schedule, build_schedule
+from trainer.errors import ConfigError
+from trainer.schedules import SCHEDULES, Schedule, build_schedule
 
 PEAK_LR = 6e-4
 REL_TOL = 1e-12
@@ -25,7 +25,7 @@ ABS_TOL_AT_ZERO = 1e-18
 
 def make_schedule(name: str, max_steps: int, peak_lr: float = PEAK_LR, **keys: Any) -> Schedule:
     """ramp's schedule for the config dataclass registered under ``name``, built with ``keys``."""
-    return build_schedule(SCHEDULE_SCHEMAS[name](**keys), max_steps=max_steps, peak_lr=peak_lr)
+    return build_schedule(SCHEDULES[name](**keys), max_steps=max_steps, peak_lr=peak_lr)
 
 
 def transformers_lrs(
@@ -170,8 +170,8 @@ CASES = [
 
 
 def test_cases_cover_every_schedule() -> None:
-    assert {param.values[0] for param in CASES} == set(SCHEDULE_SCHEMAS)
-    for name in SCHEDULE_SCHEMAS:
+    assert {param.values[0] for param in CASES} == set(SCHEDULES)
+    for name in SCHEDULES:
         assert transformers.SchedulerType(name).value == name
 
 
@@ -233,7 +233,7 @@ def test_first_step_trains_above_zero(name: str, warmup: int) -> None:
         assert schedule.lr(1) == pytest.approx(PEAK_LR / warmup, rel=REL_TOL)
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULE_SCHEMAS))
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_curve_is_plain_loop_moved_one_step_earlier(name: str) -> None:
     warmup = 0 if name == "constant" else 10
     keys = REQUIRED_KEYS.get(name, {})

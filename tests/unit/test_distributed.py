@@ -1,0 +1,63 @@
+"""ramp's collective logic on two real gloo ranks in-process: what each rank contributes, what all agree on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from trainer import distributed
+from trainer.distributed import DistInfo
+from trainer.loop import IntervalMeter
+from trainer.testing import run_distributed
+
+
+def _reduce_an_interval(info: DistInfo) -> dict[str, float]:
+    """Rank r saw (r + 1) * 100 tokens at a summed loss of (r + 1) * 250 over two steps."""
+    meter = IntervalMeter(info.device)
+    meter.loss_sum += (info.rank + 1) * 250.0
+    meter.tokens = (info.rank + 1) * 100
+    meter.steps = 2
+    meter.data_wait = 0.5 * (info.rank + 1)
+    return meter.reduce(info)
+
+
+def test_the_logged_loss_is_the_token_weighted_mean_over_ranks() -> None:
+    first, second = run_distributed(_reduce_an_interval)
+    assert first["loss"] == second["loss"] == pytest.approx((250 + 500) / (100 + 200), rel=1e-12)
+    assert first["data_wait_s"] == pytest.approx((0.5 + 1.0) / 2 / 2)  # mean over ranks, per step
+    assert first["memory_gb"] == second["memory_gb"] > 0  # the largest rank's, on every rank
+
+
+def _agree(info: DistInfo) -> dict[str, Any]:
+    return {
+        "any_when_one_says_so": distributed.any_rank(info.rank == 1, info),
+        "any_when_none_does": distributed.any_rank(False, info),
+        "rank_0s_value": distributed.broadcast_object({"chosen": f"from rank {info.rank}"}, info),
+        "sum": distributed.all_reduce_sum(torch.tensor([info.rank + 1.0]), info).item(),
+        "max": distributed.all_reduce_max(torch.tensor([info.rank * 10.0]), info).item(),
+    }
+
+
+def test_ranks_agree_on_flags_objects_sums_and_maxima() -> None:
+    for report in run_distributed(_agree):
+        assert report == {
+            "any_when_one_says_so": True,
+            "any_when_none_does": False,
+            "rank_0s_value": {"chosen": "from rank 0"},
+            "sum": 3.0,
+            "max": 10.0,
+        }
+
+
+def _fail_on_rank_1(info: DistInfo) -> int:
+    if info.rank == 1:
+        raise ValueError("rank 1 says no")
+    return info.rank
+
+
+def test_a_failing_rank_fails_the_call_with_its_traceback() -> None:
+    with pytest.raises(RuntimeError, match="rank 1 failed") as excinfo:
+        run_distributed(_fail_on_rank_1, timeout=60)
+    assert "ValueError: rank 1 says no" in str(excinfo.value)

@@ -1,0 +1,72 @@
+"""The model built from a preset, its AdamW groups, and options that change memory or speed, not the math."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.config import Config, compose
+from trainer.models import build_model, causal_lm_loss, count_parameters, padded_vocab_size, param_groups
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(
+    small_config: Callable[..., Config],
+) -> None:
+    """Recomputing activations in the backward pass changes memory, not the math."""
+    cfg = small_config()
+    batch = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(4))
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, tokenizer_vocab=257, eos_id=256, activation_checkpointing=recompute)
+        model.train()
+        assert model.is_gradient_checkpointing is recompute
+        loss = causal_lm_loss(model, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert len(grads_a) == len(grads_b)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+@pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
+def built(request: pytest.FixtureRequest) -> tuple[Config, Any]:
+    cfg = compose([f"model={request.param}"])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model, tokenizer_vocab=257, eos_id=256)
+
+
+def test_param_groups_split_by_shape(built: tuple[Config, nn.Module]) -> None:
+    cfg, model = built
+    groups = {group["name"]: group for group in param_groups(model, cfg.optim)}
+    assert set(groups) == {"decay", "no_decay"}
+    assert groups["decay"]["weight_decay"] == cfg.optim.weight_decay == 0.1
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    placed = [id(p) for group in groups.values() for p in group["params"]]
+    assert len(placed) == len(set(placed)), "a parameter is in two groups"
+    assert set(placed) == {id(p) for p in model.parameters()}, "a parameter is in no group"
+    decay_ids = {id(p) for p in groups["decay"]["params"]}
+    no_decay_ids = {id(p) for p in groups["no_decay"]["params"]}
+    for name, param in model.named_parameters():
+        assert param.ndim in (1, 2), name
+        assert id(param) in (no_decay_ids if param.ndim == 1 else decay_ids), name
+    assert groups["decay"]["params"]
+    assert groups["no_decay"]["params"]
+
+
+def test_built_model_pads_the_vocabulary(built: tuple[Config, Any]) -> None:
+    cfg, model = built
+    assert model.config.model_type == cfg.model.arch
+    assert model.config.vocab_size == 320
+    assert model.get_input_embeddings().weight.shape == (320, cfg.model.hidden_size)
+    assert 1_000_000 <= count_parameters(model) <= 3_000_000
+
+
+@pytest.mark.parametrize(("tokens", "padded"), [(1, 64), (64, 64), (256, 256), (257, 320), (50_257, 50_304)])
+def test_padded_vocab_size(tokens: int, padded: int) -> None:
+    assert padded_vocab_size(tokens) == padded

@@ -1,0 +1,227 @@
+"""Where a run starts: choosing and verifying a checkpoint, restoring it exactly, reporting what changed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import one_step, random_batch, save_checkpoint, tiny_backend
+from trainer import checkpoint, resume
+from trainer.backends.ddp import DDPBackend
+from trainer.config import Config, compose
+from trainer.data.sampler import WindowSampler
+from trainer.distributed import DistInfo
+from trainer.errors import ConfigError
+from trainer.loop import IntervalMeter
+from trainer.testing import run_distributed
+
+
+def params(backend: DDPBackend) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in backend.module.parameters()]
+
+
+def parts(info: DistInfo) -> tuple[WindowSampler, IntervalMeter]:
+    """A real sampler and log-interval meter for :func:`resume.restore` to fill."""
+    sampler = WindowSampler(np.arange(1000, dtype=np.uint16), 8, 2, info.rank, info.world_size, seed=0)
+    return sampler, IntervalMeter(info.device)
+
+
+def start_of(path: Path) -> resume.Start:
+    return resume.Start(path, resume.read_meta(path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "meta"])
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    save_checkpoint(tmp_path, 2, ddp_backend, alone)
+    newest = save_checkpoint(tmp_path, 4, ddp_backend, alone)
+    target = newest / "optimizer.pt"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:1000])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "delete":
+        target.unlink()
+    else:
+        (newest / "meta.json").write_text("{not json")
+    assert resume.problem(newest) is not None
+    run = resume.RunPlan(tmp_path, checkpoint.complete_checkpoints(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="ramp"):
+        chosen = resume.choose(run, alone)
+    assert chosen is not None
+    assert chosen.path == tmp_path / "step_2"
+    assert chosen.meta.step == 2
+    assert str(newest) in caplog.text
+    assert "unusable" in caplog.text
+    with pytest.raises(ConfigError, match="step_4"):
+        resume.choose(resume.RunPlan(tmp_path, [newest], explicit=True), alone)
+
+
+def test_metadata_without_a_ramp_key_is_unusable(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    path = save_checkpoint(tmp_path, 1, ddp_backend, alone)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["sampler"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert "meta.json is unreadable" in str(resume.problem(path))
+
+
+def _choose_on_every_rank(info: DistInfo, root: str, explicit: bool) -> str:
+    run = resume.RunPlan(Path(root), checkpoint.complete_checkpoints(Path(root)), explicit=explicit)
+    try:
+        chosen = resume.choose(run, info)
+    except ConfigError as err:
+        return f"error: {err}"
+    return str(chosen.path if chosen else None)
+
+
+def test_every_rank_gets_rank_0s_choice_or_its_error(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    save_checkpoint(tmp_path, 2, ddp_backend, alone)
+    newest = save_checkpoint(tmp_path, 4, ddp_backend, alone)
+    (newest / "model.pt").write_bytes(b"damaged")
+    assert run_distributed(_choose_on_every_rank, str(tmp_path), False) == [str(tmp_path / "step_2")] * 2
+    errors = run_distributed(_choose_on_every_rank, str(tmp_path), True)
+    assert errors[0] == errors[1]
+    assert errors[0].startswith(f"error: run.resume={newest}: model.pt does not match")
+
+
+def test_restore_gives_weights_optimizer_data_position_and_interval_back_exactly(
+    tmp_path: Path, small_config: Callable[..., Config], ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    one_step(ddp_backend, random_batch(1))
+    path = save_checkpoint(tmp_path, 1, ddp_backend, alone)
+    one_step(ddp_backend, random_batch(2))
+    expected = params(ddp_backend)
+
+    restored = tiny_backend(small_config(), alone)  # fresh weights and an empty optimizer
+    sampler, meter = parts(alone)
+    resume.restore(start_of(path), alone, restored, sampler, meter)
+    assert sampler.state_dict() == {"epoch": 0, "position": 1}
+    assert (meter.steps, meter.tokens, float(meter.loss_sum)) == (1, 64, 3.0)
+    one_step(restored, random_batch(2))  # the same next step: bit-identical only if Adam's moments came back
+    assert all(torch.equal(a, b) for a, b in zip(params(restored), expected, strict=True))
+
+
+def test_restore_gives_this_ranks_rng_stream_back(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    torch.manual_seed(5)
+    path = save_checkpoint(tmp_path, 1, ddp_backend, alone)
+    after_save = torch.rand(4)
+    torch.manual_seed(77)
+    resume.restore(start_of(path), alone, ddp_backend, *parts(alone))
+    assert torch.equal(torch.rand(4), after_save)
+
+
+class _Payload:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch /tmp/ramp-checkpoint-executed-code",))
+
+
+def test_loading_never_executes_code(tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo) -> None:
+    path = save_checkpoint(tmp_path, 1, ddp_backend, alone)
+    marker = Path("/tmp/ramp-checkpoint-executed-code")
+    marker.unlink(missing_ok=True)
+    (path / "model.pt").write_bytes(pickle.dumps({"weights": _Payload()}))
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"]["model.pt"] = checkpoint.checksum(path / "model.pt")  # checksums alone do not protect
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(pickle.UnpicklingError):
+        resume.restore(start_of(path), alone, ddp_backend, *parts(alone))
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_backend_is_refused(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    path = save_checkpoint(tmp_path, 1, ddp_backend, alone)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["backend"] = "deepspeed"
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="backend=deepspeed"):
+        resume.restore(start_of(path), alone, ddp_backend, *parts(alone))
+
+
+def test_config_changes_name_the_keys_that_change_the_math_only() -> None:
+    saved = compose(["train.seq_len=256", "train.log_every=10"]).to_dict()
+    current = compose(
+        ["train.seq_len=128", "train.log_every=1", "run.name=b", "train.activation_checkpointing=true"]
+    )
+    assert resume.config_changes(saved, current.to_dict()) == ["train.seq_len: 256 -> 128"]
+
+
+def test_a_key_under_a_free_form_dict_and_a_key_of_another_schedule_are_reported() -> None:
+    saved = compose(["schedule=cosine"]).to_dict()
+    current = compose(["schedule=warmup_stable_decay", "+model.extra.n_inner=64"]).to_dict()
+    changes = resume.config_changes(saved, current)
+    assert "model.extra.n_inner: None -> 64" in changes
+    assert "schedule.name: cosine -> warmup_stable_decay" in changes
+    assert "schedule.num_cycles: 0.5 -> 0.5" not in changes  # a key both have, unchanged
+    assert "schedule.decay_ratio: None -> 0.2" in changes  # only the new schedule has it
+
+
+def test_a_longer_run_is_reported_once_with_the_lr_it_continues_at(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = save_checkpoint(tmp_path, 6, ddp_backend, alone)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["config"] = compose(["train.max_steps=6", "schedule=linear"]).to_dict()
+    (path / "meta.json").write_text(json.dumps(meta))
+    cfg = compose(["train.max_steps=9", "schedule=linear", "train.activation_checkpointing=true"])
+    with caplog.at_level(logging.INFO, logger="ramp"):
+        resume.report_changes(start_of(path), cfg.to_dict(), cfg.lr_schedule)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "train.max_steps: 6 -> 9" in warnings[0]
+    assert "train.max_steps is now 9" in warnings[0]
+    assert f"step 7 trains at LR {cfg.lr_schedule.lr(7):.4g}" in warnings[0]
+    assert "activation_checkpointing" not in caplog.text
+    assert f"resuming from {path} at step 6" in caplog.text
+
+
+def _plan(tmp_path: Path, *overrides: str) -> resume.RunPlan:
+    return resume.plan(compose([f"run.dir={tmp_path / 'run'}", *overrides]))
+
+
+def test_a_fresh_folder_starts_fresh_and_an_occupied_one_resumes_or_is_refused(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    assert _plan(tmp_path) == resume.RunPlan(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        _plan(tmp_path)
+    with pytest.raises(ConfigError, match=r"run\.resume=never"):
+        _plan(tmp_path, "run.resume=never")
+    saved = save_checkpoint(tmp_path / "run" / "checkpoints", 3, ddp_backend, alone)
+    assert _plan(tmp_path).candidates == [saved]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").touch()
+    with pytest.raises(ConfigError, match="already holds another run"):
+        resume.plan(compose([f"run.dir={other}", f"run.resume={saved}"]))
+
+
+def test_a_named_checkpoint_starts_a_new_folder(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    saved = save_checkpoint(tmp_path / "a" / "checkpoints", 3, ddp_backend, alone)
+    run = resume.plan(compose([f"run.dir={tmp_path / 'b'}", f"run.resume={saved}"]))
+    assert run == resume.RunPlan(tmp_path / "b", [saved], explicit=True)
+    assert resume.plan(compose([f"run.dir={tmp_path / 'c'}", f"run.resume={tmp_path / 'a'}"])).candidates == [
+        saved
+    ]

@@ -13,7 +13,11 @@ Start one launcher per node with the same arguments (in a Slurm job, ``srun`` do
 - **Per-rank logs.** Each local rank's stdout and stderr go to files (and to the console).
 - **Signals.** SIGUSR1, SIGTERM and SIGINT make the trainers save a checkpoint and exit 0. torchrun
   itself dies of SIGUSR1 and answers SIGTERM by killing its workers after a timeout, so it runs in its
-  own session with SIGUSR1 ignored, and the launcher hands SIGUSR1 to the trainer processes itself.
+  own session with SIGUSR1 ignored, and the launcher hands SIGUSR1 to the trainer processes itself
+  (having written the signal it received where they read it, so they name it).
+- **Exit status.** torchrun reports any failed worker as exit 1; the launcher exits with the trainers'
+  own code instead (2: a configuration error, 3: a halted run), which each failing rank writes into a
+  folder the launcher names (``RAMP_EXIT_DIR``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -203,10 +208,12 @@ class SignalForwarder:
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, reason_file: Path | None = None) -> None:
         self.received: str | None = None
         self.announced = False
         self.asked: set[int] = set()
+        self.reason_file = reason_file
+        """Where the signal's name is written before any trainer is asked (RAMP_STOP_REASON)."""
 
     def install(self) -> None:
         """Handle SIGUSR1, SIGTERM and SIGINT in this process: each is noted for :meth:`deliver`."""
@@ -222,6 +229,8 @@ class SignalForwarder:
             return
         if not self.announced:
             self.announced = True
+            if self.reason_file is not None:
+                self.reason_file.write_text(self.received)
             say(f"{self.received}: asking the trainers to save a checkpoint and stop")
         try:
             trainers = psutil.Process(torchrun_pid).children()
@@ -253,22 +262,36 @@ def _torchrun_child_setup() -> Callable[[], None]:
 
 
 def run(cmd: Sequence[str], env: Mapping[str, str]) -> int:
-    """Run torchrun in its own session, relaying signals to its trainers; its status (128 + N: signal N)."""
-    forwarder = SignalForwarder()
-    forwarder.install()
-    # Its own session: a Ctrl-C in the terminal reaches the launcher (which asks for a checkpoint),
-    # not torchrun (which would interrupt the trainers mid-step).
-    torchrun = subprocess.Popen(
-        list(cmd), env=dict(env), start_new_session=True, preexec_fn=_torchrun_child_setup()
-    )
-    while True:
-        try:
-            code = torchrun.wait(timeout=0.2)
-            break
-        except subprocess.TimeoutExpired:
-            forwarder.deliver(torchrun.pid)
+    """Run torchrun in its own session, relaying signals to its trainers.
+
+    Returns the trainers' own exit code when one failed with ramp's error (2 or 3), else torchrun's
+    status (128 + N: killed by signal N).
+    """
+    with tempfile.TemporaryDirectory(prefix="ramp-launch-") as scratch:
+        exits, reason = Path(scratch) / "exit", Path(scratch) / "stop_reason"
+        exits.mkdir()
+        forwarder = SignalForwarder(reason)
+        forwarder.install()
+        # Its own session: a Ctrl-C in the terminal reaches the launcher (which asks for a checkpoint),
+        # not torchrun (which would interrupt the trainers mid-step).
+        torchrun = subprocess.Popen(
+            list(cmd),
+            env={**env, "RAMP_EXIT_DIR": str(exits), "RAMP_STOP_REASON": str(reason)},
+            start_new_session=True,
+            preexec_fn=_torchrun_child_setup(),
+        )
+        while True:
+            try:
+                code = torchrun.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                forwarder.deliver(torchrun.pid)
+        trainer_codes = [int(path.read_text()) for path in exits.iterdir()]
     if code < 0:
         code = 128 - code
+    if code and trainer_codes:
+        say(f"torchrun exited with status {code}; the trainers stopped with status {max(trainer_codes)}")
+        return max(trainer_codes)
     if code:
         say(f"torchrun exited with status {code}")
     return code

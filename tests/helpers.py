@@ -182,6 +182,11 @@ def kill_job(proc: subprocess.Popen[bytes]) -> None:
     psutil.wait_procs(everyone, timeout=30)
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes, by relative path: equal snapshots, an untouched folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def train_steps(run_dir: Path) -> int:
     """The last training step recorded in metrics.jsonl (0 if none)."""
     path = run_dir / "metrics.jsonl"
@@ -309,9 +314,9 @@ def save_checkpoint(root: Path, step: int, backend: Any, info: Any, keep: int = 
     return checkpoint.save(root, step, info, backend, checkpoint_meta(step), {"meter": meter}, keep)
 
 
-def tiny_trainer(config: Any, info: Any, run_dir: Path) -> Any:
-    """A Trainer of ``config`` as ``trainer.main`` builds one (data, seeded model, backend), recording into
-    ``run_dir`` on rank 0, with no checkpoint restored."""
+def tiny_trainer(config: Any, info: Any, run_dir: Path) -> tuple[Any, Any]:
+    """A Trainer of ``config`` as ``trainer.main`` builds one (data, seeded model, backend), and a
+    Recorder writing into ``run_dir`` on rank 0; no checkpoint restored."""
     import torch
 
     from trainer.backends import build_backend
@@ -328,4 +333,4 @@ def tiny_trainer(config: Any, info: Any, run_dir: Path) -> Any:
     recorder = Recorder(
         info.is_main, run_dir, {"run": {"name": "t"}}, config.logger, config.train.max_steps, 0
     )
-    return Trainer(config, info, backend, data, config.lr_schedule, recorder, run_dir, {})
+    return Trainer(config, info, backend, data, config.lr_schedule, run_dir, {}), recorder

@@ -5,7 +5,7 @@ unknown key or a value of the wrong type fails while Hydra composes the config, 
 runs. Each schema checks its own keys (``check()``); :meth:`Config.check` adds the checks that span
 groups. Every key is declared with :func:`trainer.schema.setting`: its docstring below the field
 is its documentation (the README's key table is generated from it, ``python -m trainer.keys``),
-and its metadata says whether changing it on resume changes the math.
+and its metadata says what changing it on resume does (applies, changes the math, or is refused).
 
 This module imports no torch and no implementation module: composing any configuration (every
 schedule, ``backend=deepspeed``) loads Hydra, OmegaConf, these schemas and the schedule registry
@@ -25,7 +25,7 @@ from typing import Any
 
 from trainer.errors import ConfigError
 from trainer.schedules import SCHEDULES, Schedule, ScheduleConfig, build_schedule
-from trainer.schema import MISSING, changes_math, setting
+from trainer.schema import MISSING, OnResume, on_resume, setting
 
 if typing.TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -74,11 +74,11 @@ class Offload(str, Enum):
 class RunConfig:
     """Where a run writes, and where it starts from."""
 
-    name: str = setting("${model.name}", math=False)
+    name: str = setting("${model.name}", on_resume=OnResume.applies)
     """Run name: the run folder's name and the wandb run's name."""
-    dir: str = setting("outputs/${run.name}", math=False)
+    dir: str = setting("outputs/${run.name}", on_resume=OnResume.applies)
     """Run folder. Only global rank 0 writes into it."""
-    resume: str = setting(ResumeMode.auto.value, math=False)
+    resume: str = setting(ResumeMode.auto.value, on_resume=OnResume.applies)
     """auto: continue the newest complete checkpoint in run.dir; never: refuse a run.dir that holds a run;
     or a checkpoint PATH (a checkpoints/step_<N> folder)."""
 
@@ -95,38 +95,38 @@ class RunConfig:
 class TrainConfig:
     """The run's length, batch, cadences and numerics."""
 
-    max_steps: int = setting(300, math=True)
+    max_steps: int = setting(300, on_resume=OnResume.changes_math)
     """Total optimizer steps. The global step runs 1..max_steps."""
-    micro_batch_size: int = setting(8, math=True)
+    micro_batch_size: int = setting(8, on_resume=OnResume.changes_math)
     """Sequences per rank per forward pass."""
-    grad_accum_steps: int = setting(1, math=True)
+    grad_accum_steps: int = setting(1, on_resume=OnResume.changes_math)
     """Micro-batches per optimizer step. Never changes the global step."""
-    seq_len: int = setting(256, math=True)
+    seq_len: int = setting(256, on_resume=OnResume.refused)
     """Tokens per sequence (the model sees seq_len inputs and predicts seq_len targets)."""
-    seed: int = setting(1337, math=True)
+    seed: int = setting(1337, on_resume=OnResume.refused)
     """Seeds model initialisation, data order and every random number generator."""
-    log_every: int = setting(10, math=False)
+    log_every: int = setting(10, on_resume=OnResume.applies)
     """Reduce and log metrics every N optimizer steps, and at the first and the last step."""
-    eval_every: int = setting(100, math=False)
+    eval_every: int = setting(100, on_resume=OnResume.applies)
     """Evaluate on the validation slice every N steps and at the end; 0 disables evaluation."""
-    eval_steps: int = setting(10, math=False)
+    eval_steps: int = setting(10, on_resume=OnResume.applies)
     """Validation micro-batches per rank in one evaluation."""
-    ckpt_every: int = setting(0, math=False)
+    ckpt_every: int = setting(0, on_resume=OnResume.applies)
     """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
-    keep_checkpoints: int = setting(3, math=False)
+    keep_checkpoints: int = setting(3, on_resume=OnResume.applies)
     """Keep the newest N checkpoints; older ones are deleted once a newer one is complete."""
-    on_nan: OnNan = setting(OnNan.halt, math=False)
+    on_nan: OnNan = setting(OnNan.halt, on_resume=OnResume.applies)
     """Non-finite gradient norm: halt (stop before the optimizer step, weights untouched, exit 3) or skip
     (drop the update, count it, do not advance the global step or the schedule)."""
-    max_grad_norm: float = setting(1.0, math=True)
+    max_grad_norm: float = setting(1.0, on_resume=OnResume.changes_math)
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
-    precision: Precision = setting(Precision.fp32, math=True)
+    precision: Precision = setting(Precision.fp32, on_resume=OnResume.changes_math)
     """fp32, or bf16 (autocast of the forward pass with DDP; weights and optimizer state stay fp32)."""
-    compile: bool = setting(False, math=False)
+    compile: bool = setting(False, on_resume=OnResume.applies)
     """Compile the model with torch.compile."""
-    activation_checkpointing: bool = setting(False, math=False)
+    activation_checkpointing: bool = setting(False, on_resume=OnResume.applies)
     """Recompute each block's activations in the backward pass: less memory, about a third more compute."""
-    threads: int | None = setting(None, math=False)
+    threads: int | None = setting(None, on_resume=OnResume.applies)
     """Intra-op threads per rank; default: the machine's cores divided by the ranks on this node."""
 
     def check(self) -> None:
@@ -154,31 +154,31 @@ class TrainConfig:
 class ModelConfig:
     """A causal language model built with transformers from a config; nothing is downloaded."""
 
-    name: str = setting(MISSING, math=True)
+    name: str = setting(MISSING, on_resume=OnResume.refused)
     """Preset name, used in the default run name."""
-    arch: str = setting(MISSING, math=True)
+    arch: str = setting(MISSING, on_resume=OnResume.refused)
     """transformers model type: gpt2 or llama (any AutoModelForCausalLM type works through model.extra)."""
-    hidden_size: int = setting(MISSING, math=True)
+    hidden_size: int = setting(MISSING, on_resume=OnResume.refused)
     """Width of the residual stream."""
-    num_layers: int = setting(MISSING, math=True)
+    num_layers: int = setting(MISSING, on_resume=OnResume.refused)
     """Transformer blocks."""
-    num_heads: int = setting(MISSING, math=True)
+    num_heads: int = setting(MISSING, on_resume=OnResume.refused)
     """Attention (query) heads; must divide hidden_size."""
-    num_kv_heads: int | None = setting(None, math=True)
+    num_kv_heads: int | None = setting(None, on_resume=OnResume.refused)
     """Key/value heads for grouped-query attention (llama); default: num_heads."""
-    intermediate_size: int | None = setting(None, math=True)
+    intermediate_size: int | None = setting(None, on_resume=OnResume.refused)
     """MLP width; default: the architecture's own (4 x hidden_size for gpt2)."""
-    max_position_embeddings: int = setting(1024, math=True)
+    max_position_embeddings: int = setting(1024, on_resume=OnResume.refused)
     """Longest sequence the model takes; train.seq_len must fit."""
-    vocab_size: int | None = setting(None, math=True)
+    vocab_size: int | None = setting(None, on_resume=OnResume.refused)
     """Default: the tokenizer's vocabulary, padded up to a multiple of 64."""
-    tie_word_embeddings: bool = setting(True, math=True)
+    tie_word_embeddings: bool = setting(True, on_resume=OnResume.refused)
     """Share the input embeddings with the output layer."""
-    dropout: float = setting(0.0, math=True)
+    dropout: float = setting(0.0, on_resume=OnResume.changes_math)
     """Dropout probability everywhere the architecture has dropout."""
-    rope_theta: float | None = setting(None, math=True)
+    rope_theta: float | None = setting(None, on_resume=OnResume.refused)
     """RoPE base (llama); default: the architecture's own."""
-    extra: dict[str, Any] = setting(factory=dict, math=True)
+    extra: dict[str, Any] = setting(factory=dict, on_resume=OnResume.refused)
     """Further keyword arguments for the transformers config, passed as they are."""
 
     def check(self) -> None:
@@ -199,22 +199,22 @@ class ModelConfig:
 class DataConfig:
     """Keys every data source shares; pick the source with ``data=<source>``."""
 
-    source: str = setting(MISSING, math=True)
+    source: str = setting(MISSING, on_resume=OnResume.refused)
     """builtin (the Python standard library's sources), text (local files) or hf (datasets.load_dataset)."""
-    tokenizer: str = setting("bytes", math=True)
+    tokenizer: str = setting("bytes", on_resume=OnResume.refused)
     """bytes (byte-level, no training); a tokenizer.json path; a transformers tokenizer name or folder
     (AutoTokenizer); or train (a byte-level BPE of data.vocab_size trained on the training documents)."""
-    vocab_size: int = setting(8192, math=True)
+    vocab_size: int = setting(8192, on_resume=OnResume.refused)
     """Vocabulary of the BPE that data.tokenizer=train learns, its end-of-document token included."""
-    eos_token: str | None = setting(None, math=True)
+    eos_token: str | None = setting(None, on_resume=OnResume.refused)
     """End-of-document token of a tokenizer.json or AutoTokenizer; default: the tokenizer's eos_token,
     else the first of <|endoftext|>, </s>, <eos>, <|end_of_text|> that its vocabulary holds."""
-    val_fraction: float = setting(0.01, math=True)
+    val_fraction: float = setting(0.01, on_resume=OnResume.refused)
     """Share of documents held out for validation (chosen by a hash of each document's text)."""
-    num_proc: int = setting(1, math=False)
+    num_proc: int = setting(1, on_resume=OnResume.applies)
     """Processes that tokenize. One is enough on a few cores: Rust tokenizers use every core inside it;
     on many cores more processes keep its Python side (reading, collecting ids) from holding them back."""
-    cache_dir: str | None = setting(None, math=False)
+    cache_dir: str | None = setting(None, on_resume=OnResume.applies)
     """Where tokenized data is cached; default: $RAMP_CACHE_DIR, else ~/.cache/ramp."""
 
     def check(self) -> None:
@@ -248,7 +248,7 @@ def _check_files(files: Any) -> None:
 class BuiltinData(DataConfig):
     """The Python standard library's ``.py`` sources: on every Python install, nothing to download."""
 
-    source: str = setting("builtin", math=True)
+    source: str = setting("builtin", on_resume=OnResume.refused)
     """Selected with data=builtin."""
 
 
@@ -256,14 +256,14 @@ class BuiltinData(DataConfig):
 class TextData(DataConfig):
     """Your own files: ``.txt``, ``.jsonl`` / ``.json`` and ``.parquet``."""
 
-    source: str = setting("text", math=True)
+    source: str = setting("text", on_resume=OnResume.refused)
     """Selected with data=text."""
     # Any, not list[str]: a single path or glob is the common case, and OmegaConf cannot type a
     # union of a string and a list. check() checks the value.
-    files: Any = setting(None, math=True)
+    files: Any = setting(None, on_resume=OnResume.refused)
     """A path, a glob or a folder, or a list of them: .txt (one document per file), .jsonl / .json and
     .parquet (one document per record)."""
-    text_field: str = setting("text", math=True)
+    text_field: str = setting("text", on_resume=OnResume.refused)
     """The field holding a record's text in .jsonl, .json and .parquet files."""
 
     def check(self) -> None:
@@ -276,20 +276,20 @@ class TextData(DataConfig):
 class HFData(DataConfig):
     """Any dataset ``datasets.load_dataset`` (or ``load_from_disk``) reads."""
 
-    source: str = setting("hf", math=True)
+    source: str = setting("hf", on_resume=OnResume.refused)
     """Selected with data=hf."""
-    path: str | None = setting(None, math=True)
+    path: str | None = setting(None, on_resume=OnResume.refused)
     """A hub dataset name, a local data folder, a save_to_disk folder, or a builder (json, parquet, text,
     csv, arrow) that reads data.files."""
-    name: str | None = setting(None, math=True)
+    name: str | None = setting(None, on_resume=OnResume.refused)
     """The dataset's configuration name (load_dataset's second argument)."""
-    split: str = setting("train", math=True)
+    split: str = setting("train", on_resume=OnResume.refused)
     """The split to train on; the validation documents are held out from it."""
-    files: Any = setting(None, math=True)
+    files: Any = setting(None, on_resume=OnResume.refused)
     """data_files for a builder: a path or glob, or a list of them."""
-    text_field: str = setting("text", math=True)
+    text_field: str = setting("text", on_resume=OnResume.refused)
     """The column holding a record's text."""
-    streaming: bool = setting(False, math=False)
+    streaming: bool = setting(False, on_resume=OnResume.applies)
     """Stream the dataset instead of downloading it whole before tokenizing."""
 
     def check(self) -> None:
@@ -308,19 +308,19 @@ DATA_SOURCES: dict[str, type[DataConfig]] = {
 class OptimConfig:
     """AdamW, the one optimizer."""
 
-    name: str = setting("adamw", math=True)
+    name: str = setting("adamw", on_resume=OnResume.refused)
     """The optimizer: adamw."""
-    lr: float = setting(6e-4, math=True)
+    lr: float = setting(6e-4, on_resume=OnResume.changes_math)
     """Peak learning rate; the schedule multiplies it."""
-    weight_decay: float = setting(0.1, math=True)
+    weight_decay: float = setting(0.1, on_resume=OnResume.changes_math)
     """Decoupled weight decay (AdamW) of the parameters not matched by no_decay."""
-    betas: list[float] = setting(factory=lambda: [0.9, 0.95], math=True)
+    betas: list[float] = setting(factory=lambda: [0.9, 0.95], on_resume=OnResume.changes_math)
     """AdamW's two moment decay rates."""
-    eps: float = setting(1e-8, math=True)
+    eps: float = setting(1e-8, on_resume=OnResume.changes_math)
     """AdamW's epsilon."""
-    no_decay: list[str] = setting(factory=lambda: ["*.bias", "*norm*", "*ln_*"], math=True)
+    no_decay: list[str] = setting(factory=lambda: ["*.bias", "*norm*", "*ln_*"], on_resume=OnResume.refused)
     """Parameter-name glob patterns excluded from weight decay (biases and norm weights)."""
-    fused: bool | None = setting(None, math=True)
+    fused: bool | None = setting(None, on_resume=OnResume.changes_math)
     """Fused AdamW kernel; default: on for CUDA."""
 
     def check(self) -> None:
@@ -339,7 +339,7 @@ class OptimConfig:
 class BackendConfig:
     """Who wraps the model and owns backward and the optimizer step; pick it with ``backend=<name>``."""
 
-    name: str = setting(MISSING, math=False)
+    name: str = setting(MISSING, on_resume=OnResume.refused)
     """ddp or deepspeed; pick it with backend=<name>."""
 
     def check(self, cfg: Config) -> None:
@@ -354,11 +354,11 @@ class BackendConfig:
 class DDPBackend(BackendConfig):
     """PyTorch DistributedDataParallel (gloo on CPU, nccl on GPU); a single process needs no wrapper."""
 
-    name: str = setting("ddp", math=False)
+    name: str = setting("ddp", on_resume=OnResume.refused)
     """Selected with backend=ddp."""
-    bucket_cap_mb: int = setting(25, math=False)
+    bucket_cap_mb: int = setting(25, on_resume=OnResume.applies)
     """DDP's gradient bucket size in MiB."""
-    find_unused_parameters: bool = setting(False, math=False)
+    find_unused_parameters: bool = setting(False, on_resume=OnResume.applies)
     """DDP's search for parameters without a gradient (models with unused parameters)."""
 
     def check(self, cfg: Config) -> None:
@@ -399,16 +399,16 @@ def flat_keys(tree: dict[str, Any], prefix: str = "") -> Iterator[str]:
 class DeepSpeedBackend(BackendConfig):
     """DeepSpeed's engine. Batch sizes, accumulation, clipping and precision come from ``train.*``."""
 
-    name: str = setting("deepspeed", math=False)
+    name: str = setting("deepspeed", on_resume=OnResume.refused)
     """Selected with backend=deepspeed."""
-    zero_stage: int = setting(2, math=False)
+    zero_stage: int = setting(2, on_resume=OnResume.refused)
     """0: plain data parallel through the engine; 1: shard optimizer state; 2: also gradients; 3: also
     parameters."""
-    offload_optimizer: Offload = setting(Offload.none, math=False)
+    offload_optimizer: Offload = setting(Offload.none, on_resume=OnResume.refused)
     """cpu: keep optimizer state and the update on the CPU (ZeRO 1-3; DeepSpeed's CPU Adam)."""
-    offload_params: Offload = setting(Offload.none, math=False)
+    offload_params: Offload = setting(Offload.none, on_resume=OnResume.refused)
     """cpu: keep parameters on the CPU between uses (ZeRO 3 only)."""
-    extra: dict[str, Any] = setting(factory=dict, math=False)
+    extra: dict[str, Any] = setting(factory=dict, on_resume=OnResume.refused)
     """Further DeepSpeed config keys, merged in as they are; a key ramp sets from its own keys is refused."""
 
     def fp16(self) -> bool:
@@ -476,17 +476,17 @@ WANDB_MODES = ("offline", "online", "disabled")
 class WandbConfig:
     """One wandb run per job, created by global rank 0."""
 
-    mode: str = setting("offline", math=False)
+    mode: str = setting("offline", on_resume=OnResume.applies)
     """offline (written under run.dir, upload later with `wandb sync`), online, or disabled."""
-    project: str = setting("ramp", math=False)
+    project: str = setting("ramp", on_resume=OnResume.applies)
     """wandb project."""
-    entity: str | None = setting(None, math=False)
+    entity: str | None = setting(None, on_resume=OnResume.applies)
     """wandb entity (user or team); default: the account's own."""
-    name: str | None = setting(None, math=False)
+    name: str | None = setting(None, on_resume=OnResume.applies)
     """wandb run name; default: run.name."""
-    group: str | None = setting(None, math=False)
+    group: str | None = setting(None, on_resume=OnResume.applies)
     """wandb group."""
-    tags: list[str] = setting(factory=list, math=False)
+    tags: list[str] = setting(factory=list, on_resume=OnResume.applies)
     """wandb tags."""
 
 
@@ -494,13 +494,13 @@ class WandbConfig:
 class LoggerConfig:
     """Where metrics go: the console and metrics.jsonl always, wandb and tensorboard by choice."""
 
-    progress: str = setting("auto", math=False)
+    progress: str = setting("auto", on_resume=OnResume.applies)
     """auto: a progress bar in an interactive terminal, else one line per log step; bar; lines; off."""
-    wandb: WandbConfig = setting(factory=WandbConfig, math=False)
+    wandb: WandbConfig = setting(factory=WandbConfig, on_resume=OnResume.applies)
     """The wandb settings (logger.wandb.*)."""
-    tensorboard: bool = setting(False, math=False)
+    tensorboard: bool = setting(False, on_resume=OnResume.applies)
     """Also write tensorboard event files under run.dir/tensorboard (metrics.jsonl is always written)."""
-    peak_flops: float | None = setting(None, math=False)
+    peak_flops: float | None = setting(None, on_resume=OnResume.applies)
     """Peak FLOP/s of one device, for MFU; default: the bf16 dense peak of a known GPU (A100, H100,
     H200), and no MFU where none is known (a CPU)."""
 
@@ -524,21 +524,21 @@ class LoggerConfig:
 class Config:
     """The whole run: one node per group. Built by :func:`compose` (or :func:`to_config`), checked."""
 
-    run: RunConfig = setting(factory=RunConfig, math=False)
+    run: RunConfig = setting(factory=RunConfig, on_resume=OnResume.applies)
     """Where the run writes and starts from (run.*)."""
-    train: TrainConfig = setting(factory=TrainConfig, math=True)
+    train: TrainConfig = setting(factory=TrainConfig, on_resume=OnResume.refused)
     """Length, batch, cadences and numerics (train.*)."""
-    model: ModelConfig = setting(MISSING, math=True)
+    model: ModelConfig = setting(MISSING, on_resume=OnResume.refused)
     """The model preset (model=<preset>) and its keys."""
-    data: DataConfig = setting(MISSING, math=True)
+    data: DataConfig = setting(MISSING, on_resume=OnResume.refused)
     """The data source (data=<source>) and its keys."""
-    schedule: ScheduleConfig = setting(MISSING, math=True)
+    schedule: ScheduleConfig = setting(MISSING, on_resume=OnResume.refused)
     """The LR schedule (schedule=<name>) and its keys."""
-    optim: OptimConfig = setting(MISSING, math=True)
+    optim: OptimConfig = setting(MISSING, on_resume=OnResume.refused)
     """The optimizer and its keys."""
-    backend: BackendConfig = setting(MISSING, math=False)
+    backend: BackendConfig = setting(MISSING, on_resume=OnResume.applies)
     """The backend (backend=<name>) and its keys."""
-    logger: LoggerConfig = setting(MISSING, math=False)
+    logger: LoggerConfig = setting(MISSING, on_resume=OnResume.applies)
     """The metric sinks (logger=<preset>) and their keys."""
 
     def check(self) -> None:
@@ -602,13 +602,13 @@ def declared_keys(schema: type[Any], prefix: str) -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{declared.name}", declared
 
 
-def math_keys(tree: dict[str, Any]) -> dict[str, bool]:
-    """Whether each key of a resolved config tree changes the math on resume, from the schemas' metadata."""
-    facts: dict[str, bool] = {}
+def resume_facts(tree: dict[str, Any]) -> dict[str, OnResume]:
+    """What changing each key of a resolved config tree does on resume, from the schemas' metadata."""
+    facts: dict[str, OnResume] = {}
     for group, node in tree.items():
         if isinstance(node, dict) and group in typing.get_type_hints(Config):
             schema = schema_of(group, node)
-            facts.update({key: changes_math(f) for key, f in declared_keys(schema, f"{group}.")})
+            facts.update({key: on_resume(f) for key, f in declared_keys(schema, f"{group}.")})
     return facts
 
 

@@ -30,7 +30,7 @@ from trainer.data import Data
 from trainer.distributed import DistInfo
 from trainer.errors import TrainingHalted
 from trainer.models import causal_lm_loss, count_parameters
-from trainer.observe import Recorder
+from trainer.observe import Recorder, job_log
 from trainer.observe.flops import flops_per_token, memory_gb, mfu, peak_flops
 from trainer.observe.recorder import perplexity
 from trainer.preemption import StopSignal
@@ -118,14 +118,13 @@ class IntervalMeter:
 
 @dataclass
 class Trainer:
-    """The loop and what it drives: the backend, the data, the schedule and the recorder."""
+    """The loop and what it drives: the backend, the data and the schedule."""
 
     cfg: Config
     info: DistInfo
     backend: Backend
     data: Data
     schedule: Schedule
-    recorder: Recorder
     run_dir: Path
     config: dict[str, Any]
     """The resolved config, saved with every checkpoint."""
@@ -157,10 +156,12 @@ class Trainer:
         )
 
     def restore(self, start: resume.Start) -> TrainState:
-        """Continue where a checkpoint left off (see :mod:`trainer.resume`); report what changed."""
-        resume.restore(start, self.info, self.backend, self.data.train, self.meter)
-        if self.info.is_main:  # the same on every rank: said once
-            resume.report_changes(start, self.config, self.schedule)
+        """Continue where a checkpoint left off (see :mod:`trainer.resume`); nothing is written.
+
+        Raises:
+            ConfigError: the backend cannot load the checkpoint as configured, saying what to set.
+        """
+        resume.restore(start, self.info, self.backend, self.data.train, self.meter, self.cfg.optim)
         return TrainState.from_checkpoint(start.meta)
 
     def set_lr(self, lr: float) -> None:
@@ -248,9 +249,9 @@ class Trainer:
                 f"{message}: {consecutive} non-finite steps in a row; the run is not recovering"
             )
         state.skipped_steps += 1
-        log.warning("%s: update skipped (%d so far)", message, state.skipped_steps)
+        job_log.warning("%s: update skipped (%d so far)", message, state.skipped_steps)
 
-    def log_step(self, state: TrainState, lr: float, grad_norm: torch.Tensor) -> None:
+    def log_step(self, recorder: Recorder, state: TrainState, lr: float, grad_norm: torch.Tensor) -> None:
         """Reduce the open log interval over ranks and record it (collective: every rank calls it)."""
         record: dict[str, Any] = {"step": state.global_step, "lr": lr, **self.meter.reduce(self.info)}
         record.update(grad_norm=float(grad_norm), tokens=state.tokens, epoch=self.data.train.state.epoch)
@@ -260,11 +261,12 @@ class Trainer:
             record["mfu"] = mfu(
                 self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.info.world_size
             )
-        self.recorder.log(record)
+        recorder.log(record)
         self.meter.reset()
 
-    def fit(self, state: TrainState, stop: StopSignal) -> Outcome:
-        """Train from ``state`` to ``train.max_steps``, or until a preemption signal (then checkpoint).
+    def fit(self, state: TrainState, stop: StopSignal, recorder: Recorder) -> Outcome:
+        """Train from ``state`` to ``train.max_steps``, or until a preemption signal (then checkpoint);
+        every record goes to ``recorder``.
 
         Raises:
             TrainingHalted: a non-finite update that ``train.on_nan`` does not let the run skip.
@@ -291,16 +293,15 @@ class Trainer:
             meter.loss_sum += loss_sum
             meter.tokens += tokens
             meter.steps += 1
-            self.recorder.step(step)
+            recorder.step(step)
             if step == 1 or step % t.log_every == 0 or step == t.max_steps:
-                self.log_step(state, lr, grad_norm)
+                self.log_step(recorder, state, lr, grad_norm)
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                self.recorder.log({"step": step, **self.evaluate()})
+                recorder.log({"step": step, **self.evaluate()})
                 meter.started = time.perf_counter()  # evaluation time is not training throughput
             if stop.agreed():
                 path = self.save(state)
-                who = stop.received or "a signal to another rank"
-                log.info("ramp | preempted by %s: saved %s at step %d; exiting", who, path, step)
+                log.info("ramp | preempted by %s: saved %s at step %d; exiting", stop.describe(), path, step)
                 return Outcome.preempted
             if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
                 self.save(state)

@@ -1,7 +1,8 @@
 """ramp's entry point: ``torchrun --nproc_per_node=N -m trainer.main [overrides]``.
 
 Compose the config, plan where the run starts, build the parts, fit, close. ``python -m
-trainer.main`` runs one process.
+trainer.main`` runs one process. Nothing is written into the run folder until the start is
+accepted: a refused or no-op start leaves it as it was.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import hydra
 import torch
@@ -23,20 +25,25 @@ from trainer.errors import ConfigError, TrainingHalted
 from trainer.loop import Outcome, Trainer, TrainState
 from trainer.models import build_model
 from trainer.observe import Recorder, redact, scrub, setup_logging
-from trainer.preemption import StopSignal
+from trainer.preemption import StopSignal, exit_with_parent
 
 log = logging.getLogger("ramp")
 register_configs()
 
 
 def train(dcfg: DictConfig) -> Outcome:
-    """One run from a composed config: plan, build, restore or start, fit, close."""
+    """One run from a composed config: plan, accept the start, build, restore, record, fit, close."""
     cfg = to_config(dcfg)
     plan = resume.plan(cfg)
     info = distributed.setup(cfg.train.threads)
     setup_logging(info.rank)
     stop = StopSignal(info)
     resolved = redact(cfg.to_dict())
+    start = resume.choose(plan, info)
+    changes = resume.accept(start, resolved) if start else []  # refused before anything is built
+    if start and resume.nothing_to_train(start, cfg.train.max_steps):
+        distributed.teardown()
+        return Outcome.finished
     data = build_data(cfg, info)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(
@@ -45,37 +52,41 @@ def train(dcfg: DictConfig) -> Outcome:
         eos_id=data.eos_id,
         activation_checkpointing=cfg.train.activation_checkpointing,
     )
-    backend = build_backend(cfg, model, info)
+    trainer = Trainer(
+        cfg, info, build_backend(cfg, model, info), data, cfg.lr_schedule, plan.run_dir, resolved
+    )
     del model  # the backend holds it now
     torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout noise per rank
-    start = resume.choose(plan, info)
-    if info.is_main:
-        resume.create_run_dir(plan.run_dir, resolved)
+    state = trainer.restore(start) if start else TrainState()
+    if start:
+        resume.report_changes(start, changes, cfg.lr_schedule)
+    if info.is_main:  # the start is accepted: only now is the run folder written
+        resume.record_start(plan.run_dir, resolved, start, changes)
         data.save_tokenizer(plan.run_dir)
     recorder = Recorder(
-        info.is_main,
-        plan.run_dir,
-        resolved,
-        cfg.logger,
-        cfg.train.max_steps,
-        start_step=start.meta.step if start else 0,
+        info.is_main, plan.run_dir, resolved, cfg.logger, cfg.train.max_steps, state.global_step
     )
-    trainer = Trainer(cfg, info, backend, data, cfg.lr_schedule, recorder, plan.run_dir, resolved)
-    state = trainer.restore(start) if start else TrainState()
     trainer.announce()
     try:
-        outcome = trainer.fit(state, stop)
+        outcome = trainer.fit(state, stop, recorder)
     finally:
         recorder.close()
     if outcome == Outcome.finished:
         log.info("ramp | done: %d steps, %d tokens | %s", state.global_step, state.tokens, plan.run_dir)
-    del trainer, backend  # before the process group goes away (see distributed.teardown)
+    del trainer  # before the process group goes away (see distributed.teardown)
     distributed.teardown()
     return outcome
 
 
+EXIT_DIR = "RAMP_EXIT_DIR"
+"""Set by ``launch.run``: each rank that stops with an error writes its exit code there, so the launcher
+can exit with it (torchrun itself reports any failed worker as exit 1)."""
+
+
 def _exit(code: int, message: str | None = None) -> None:
     """Leave at once: the interpreter's teardown races gloo's threads in torch 2.13."""
+    if code and os.environ.get(EXIT_DIR):
+        (Path(os.environ[EXIT_DIR]) / f"rank_{distributed.env_rank()}").write_text(str(code))
     if message and distributed.env_rank() == 0:
         print(f"ramp: error: {scrub(message)}", file=sys.stderr)
     elif message:
@@ -90,6 +101,7 @@ def _exit(code: int, message: str | None = None) -> None:
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(dcfg: DictConfig) -> None:
     """Hydra's entry point: train, and turn ramp's errors into one line and their exit code."""
+    exit_with_parent()
     try:
         train(dcfg)
     except (ConfigError, TrainingHalted) as err:

@@ -96,6 +96,15 @@ def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
 
+def group_hyperparameters(name: str, cfg: OptimConfig) -> dict[str, Any]:
+    """AdamW's settings of the parameter group ``name`` (``decay`` or ``no_decay``), from ``optim.*``."""
+    return {
+        "weight_decay": cfg.weight_decay if name == "decay" else 0.0,
+        "betas": (cfg.betas[0], cfg.betas[1]),
+        "eps": cfg.eps,
+    }
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on everything except parameters matching ``optim.no_decay``."""
     decay: list[nn.Parameter] = []
@@ -105,10 +114,17 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
             continue
         excluded = any(fnmatch.fnmatch(name, pattern) for pattern in cfg.no_decay)
         (no_decay if excluded else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
-    return groups
+    named = [("decay", decay), ("no_decay", no_decay)]
+    # The decay group always exists (the LR records name it); the no_decay group only when it has members.
+    kept = [(name, params) for name, params in named if params or name == "decay"]
+    return [{"params": params, "name": name, **group_hyperparameters(name, cfg)} for name, params in kept]
+
+
+def apply_hyperparameters(groups: list[dict[str, Any]], cfg: OptimConfig) -> None:
+    """Write ``optim.*`` into every parameter group: after a checkpoint's optimizer state is loaded, the
+    groups hold the values they were saved with, and the configuration given now must win."""
+    for group in groups:
+        group.update(group_hyperparameters(str(group["name"]), cfg))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -3,8 +3,9 @@
 - **The plan** (:func:`plan`, every rank, before the process group exists, writing nothing):
   ``run.resume=auto`` continues the newest complete checkpoint in run.dir; ``never`` refuses a
   folder that holds a run; a PATH resumes from that checkpoint. A folder that holds a run without a
-  usable checkpoint is never overwritten, except by a restart of the same job (torchrun
-  ``--max-restarts`` or a Slurm requeue), which starts it over.
+  complete checkpoint (killed before or during its first save) is started over by the same run (its
+  config.yaml says so, or torchrun ``--max-restarts`` or a Slurm requeue restarts it) and never
+  overwritten by another.
 - **The choice** (:func:`choose`): global rank 0 verifies the candidates newest first against their
   checksums, falls back past a damaged one (saying so), and every rank gets the same answer.
 - **The metadata** (:class:`CheckpointMeta`, :func:`read_meta`): the one reader of ``meta.json``.
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,10 +30,13 @@ import torch
 import yaml
 
 from trainer import checkpoint, distributed
-from trainer.config import Config, ResumeMode, math_keys
+from trainer.config import Config, OptimConfig, ResumeMode, resume_facts
 from trainer.distributed import DistInfo
 from trainer.errors import ConfigError
+from trainer.models import apply_hyperparameters
+from trainer.observe import job_log, redact
 from trainer.schedules import Schedule
+from trainer.schema import OnResume
 
 log = logging.getLogger("ramp")
 
@@ -45,6 +50,8 @@ class RunPlan:
     """Checkpoints to resume from, newest first; empty for a fresh start."""
     explicit: bool = False
     """The user named the checkpoint (run.resume=PATH): if it is unusable, fail rather than fall back."""
+    starting_over: bool = False
+    """run.dir holds this run without a complete checkpoint (killed before its first save ended)."""
 
 
 def is_restart() -> bool:
@@ -91,19 +98,24 @@ def plan(cfg: Config) -> RunPlan:
             f"run.dir={run_dir} already exists and run.resume=never; choose a new run.name (or run.dir)"
         )
     candidates = checkpoint.complete_checkpoints(run_dir / "checkpoints")
-    if not candidates and not is_restart():
+    if candidates:
+        return RunPlan(run_dir, candidates)
+    if not is_restart() and not _same_run(run_dir, cfg):
         raise ConfigError(
-            f"run.dir={run_dir} already holds a run with no checkpoint to resume from; choose a new "
+            f"run.dir={run_dir} already holds another run with no checkpoint to resume from; choose a new "
             "run.name (or run.dir), or move that folder away"
         )
-    return RunPlan(run_dir, candidates)
+    return RunPlan(run_dir, starting_over=True)
 
 
-def create_run_dir(run_dir: Path, config: dict[str, Any]) -> None:
-    """Called on global rank 0 only: the folder, its resolved config.yaml, no half-written saves."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    checkpoint.remove_partial_saves(run_dir / "checkpoints")
+def _same_run(run_dir: Path, cfg: Config) -> bool:
+    """Whether run.dir's config.yaml is this configuration, but for keys that do not change the math."""
+    recorded = run_dir / "config.yaml"
+    if not recorded.is_file():
+        return False
+    saved = yaml.safe_load(recorded.read_text())
+    changes = config_changes(saved, redact(cfg.to_dict())) if isinstance(saved, dict) else None
+    return changes is not None and all(change.effect is OnResume.applies for change in changes)
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,8 @@ def choose(run: RunPlan, info: DistInfo) -> Start | None:
             log.warning("checkpoint %s is unusable: %s; trying the previous one", path, reason)
     chosen = distributed.broadcast_object(chosen, info)  # type: ignore[assignment]
     if chosen is None:
+        if run.starting_over:
+            job_log.info("ramp | %s holds no complete checkpoint of this run: starting over", run.run_dir)
         return None
     if chosen.startswith("!"):
         raise ConfigError(f"run.resume={chosen[1:]}")
@@ -195,7 +209,9 @@ def choose(run: RunPlan, info: DistInfo) -> Start | None:
 class LoadsCheckpoints(Protocol):
     """A backend as :func:`restore` uses it."""
 
-    name: str
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups."""
 
     def load(self, folder: Path, meta: CheckpointMeta, info: DistInfo) -> None:
         """Restore the model and optimizer state the backend saved into ``folder``."""
@@ -212,21 +228,27 @@ class Stateful(Protocol):
 
 
 def restore(
-    start: Start, info: DistInfo, backend: LoadsCheckpoints, sampler: Stateful, meter: Stateful
+    start: Start,
+    info: DistInfo,
+    backend: LoadsCheckpoints,
+    sampler: Stateful,
+    meter: Stateful,
+    optim: OptimConfig,
 ) -> None:
     """Restore the backend's state, this rank's RNGs and open log interval, and the data position.
 
+    The optimizer's hyperparameters then come from ``optim`` (this run's config), not from the
+    checkpoint: loading an optimizer's state dict brings back the values it was saved with, and a
+    record must never claim one value while another trains.
+
     Raises:
-        ConfigError: the checkpoint was written by another backend (or cannot be loaded by this one).
+        ConfigError: the checkpoint cannot be loaded by this backend as configured (another ZeRO stage,
+            shards for another rank count), saying what to set.
         pickle.UnpicklingError: a file holds anything but tensors and plain data (never executed).
     """
     meta = start.meta
-    if meta.backend != backend.name:
-        raise ConfigError(
-            f"run.resume: {start.path} was written by backend={meta.backend}; resume it with "
-            f"backend={meta.backend}"
-        )
     backend.load(start.path, meta, info)
+    apply_hyperparameters(backend.param_groups, optim)
     rank_file = start.path / f"rank_{info.rank}.pt"
     if meta.world_size == info.world_size and rank_file.exists():
         rank_state = torch.load(rank_file, weights_only=True, map_location="cpu")
@@ -234,7 +256,7 @@ def restore(
         if "meter" in rank_state:
             meter.load_state_dict(rank_state["meter"])
     else:
-        log.warning(
+        job_log.warning(
             "resuming a %d-rank checkpoint on %d ranks: data order continues, per-rank RNG streams restart",
             meta.world_size,
             info.world_size,
@@ -252,7 +274,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _declared(key: str, facts: dict[str, bool]) -> bool | None:
+def _declared(key: str, facts: dict[str, OnResume]) -> OnResume | None:
     """The fact of ``key`` or of the declared key it lies under (``model.extra.n_inner``: ``model.extra``)."""
     while key:
         if key in facts:
@@ -261,35 +283,110 @@ def _declared(key: str, facts: dict[str, bool]) -> bool | None:
     return None
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Settings that change the math between a checkpoint's config and this run's, as ``key: old -> new``.
+@dataclass(frozen=True)
+class Change:
+    """One key whose value differs between a checkpoint's config and this run's."""
 
-    Whether a key changes the math is its schema field's metadata (:func:`trainer.schema.setting`),
-    looked up in the current config's schemas, else in the saved one's (a key only that one has).
+    key: str
+    old: Any
+    new: Any
+    effect: OnResume
+    """What the change does (the key's schema metadata)."""
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old} -> {self.new}"
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[Change]:
+    """Every key whose value differs between a checkpoint's config and this run's, with its effect.
+
+    The effect is the key's schema metadata (:func:`trainer.schema.setting`), looked up in the current
+    config's schemas, else in the saved one's (a key only that one has). Keys no schema declares (a
+    checkpoint of an older ramp) are left out.
     """
     old, new = _flatten(saved), _flatten(current)
-    facts = math_keys(saved) | math_keys(current)
-    changed = []
+    facts = resume_facts(saved) | resume_facts(current)
+    changes = []
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key) and _declared(key, facts):
-            changed.append(f"{key}: {old.get(key)} -> {new.get(key)}")
-    return changed
+        effect = _declared(key, facts)
+        if old.get(key) != new.get(key) and effect is not None:
+            changes.append(Change(key, old.get(key), new.get(key), effect))
+    return changes
 
 
-def report_changes(start: Start, current: dict[str, Any], schedule: Schedule) -> None:
-    """Warn once about every setting that changes the math, and say where the run continues."""
+def accept(start: Start, current: dict[str, Any]) -> list[Change]:
+    """The changes a resume from ``start`` makes, once none of them is one the checkpoint cannot honour.
+
+    Runs on every rank before anything is written.
+
+    Raises:
+        ConfigError: a refused change (model shape, data, parameter groups, backend), naming the key, both
+            values and what to do instead.
+    """
+    changes = config_changes(start.meta.config, current)
+    # A key both configs have comes first: backend.name, rather than a key only one backend declares.
+    refused = sorted(
+        (change for change in changes if change.effect is OnResume.refused),
+        key=lambda change: (change.old is None or change.new is None, change.key),
+    )
+    if refused:
+        first, others = refused[0], [change.key for change in refused[1:]]
+        more = f" (and {', '.join(others)})" if others else ""
+        raise ConfigError(
+            f"run.resume: {first.key} is {first.old} in {start.path} but {first.new} here{more}, and a resumed "
+            f"run cannot change it; keep {first.key}={first.old}, or start a new run from scratch "
+            "(a new run.dir with run.resume=never)"
+        )
+    return changes
+
+
+def report_changes(start: Start, changes: list[Change], schedule: Schedule) -> None:
+    """Say once (rank 0) every change that applies, and where the run continues."""
     step, max_steps = start.meta.step, schedule.max_steps
-    for change in config_changes(start.meta.config, current):
-        if change.startswith("train.max_steps:") and step < max_steps:
-            change += (
+    for change in changes:
+        note = ""
+        if change.key == "train.max_steps" and step < max_steps:
+            note = (
                 f" (train.max_steps is now {max_steps}: the schedule is recomputed over {max_steps} steps, so "
                 f"step {step + 1} trains at LR {schedule.lr(step + 1):.4g}, the curve a {max_steps}-step run "
                 "follows there)"
             )
-        log.warning("resuming with a changed setting that changes the math: %s", change)
-    if step >= max_steps:
-        log.info(
-            "ramp | %s already reached train.max_steps=%d; raise it to train further", start.path, max_steps
-        )
-    else:
-        log.info("ramp | resuming from %s at step %d", start.path, step)
+        if change.effect is OnResume.changes_math:
+            job_log.warning("changed on resume, and it changes the math: %s%s", change, note)
+        else:
+            job_log.info("ramp | changed on resume: %s", change)
+    job_log.info("ramp | resuming from %s at step %d", start.path, step)
+
+
+def nothing_to_train(start: Start, max_steps: int) -> bool:
+    """Whether the checkpoint is already at (or past) ``train.max_steps``: then nothing is written."""
+    if start.meta.step < max_steps:
+        return False
+    job_log.info(
+        "ramp | %s is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps to go on)",
+        start.path,
+        start.meta.step,
+        max_steps,
+    )
+    return True
+
+
+HISTORY = "history.jsonl"
+"""The run folder's append-only record of accepted starts, one JSON object per line."""
+
+
+def record_start(run_dir: Path, config: dict[str, Any], start: Start | None, changes: list[Change]) -> None:
+    """Called on global rank 0 once a start is accepted: config.yaml says what trains from now on, and
+    history.jsonl gains one record (time, the step it starts at, the checkpoint, the changed keys)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    checkpoint.remove_partial_saves(run_dir / "checkpoints")
+    record = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "start": "fresh" if start is None else "changed" if changes else "resumed",
+        "step": start.meta.step if start else 0,
+        "checkpoint": str(start.path) if start else None,
+        "changed": {change.key: [change.old, change.new] for change in changes},
+    }
+    with open(run_dir / HISTORY, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")

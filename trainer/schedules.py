@@ -27,7 +27,7 @@ from functools import partial
 from typing import TypeVar
 
 from trainer.errors import ConfigError
-from trainer.schema import MISSING, setting
+from trainer.schema import MISSING, OnResume, setting
 
 Multiplier = Callable[[int], float]
 """``f(step)``: the LR multiplier optimizer step ``step`` trains at, for steps 1..max_steps."""
@@ -75,11 +75,11 @@ class ScheduleConfig:
     matching ratio (``warmup_steps`` over ``warmup_ratio``), as in transformers' ``TrainingArguments``.
     """
 
-    name: str = setting(MISSING, math=True)
+    name: str = setting(MISSING, on_resume=OnResume.changes_math)
     """The schedule; pick it with schedule=<name>."""
-    warmup_steps: int | None = setting(None, math=True)
+    warmup_steps: int | None = setting(None, on_resume=OnResume.changes_math)
     """Linear warmup length in optimizer steps; wins over warmup_ratio when set."""
-    warmup_ratio: float | None = setting(None, math=True)
+    warmup_ratio: float | None = setting(None, on_resume=OnResume.changes_math)
     """Warmup length as a fraction of train.max_steps, rounded up."""
 
     def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
@@ -122,7 +122,7 @@ def constant(step: int) -> float:
 class ConstantSchedule(ScheduleConfig):
     """``optim.lr`` at every step; no warmup (use ``constant_with_warmup`` for one)."""
 
-    name: str = setting("constant", math=True)
+    name: str = setting("constant", on_resume=OnResume.changes_math)
     """Selected with schedule=constant."""
 
     def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
@@ -147,7 +147,7 @@ def constant_with_warmup(step: int, *, warmup_steps: int) -> float:
 class ConstantWithWarmupSchedule(ScheduleConfig):
     """Linear warmup, then ``optim.lr``."""
 
-    name: str = setting("constant_with_warmup", math=True)
+    name: str = setting("constant_with_warmup", on_resume=OnResume.changes_math)
     """Selected with schedule=constant_with_warmup."""
 
     def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
@@ -167,7 +167,7 @@ def linear(step: int, *, warmup_steps: int, max_steps: int) -> float:
 class LinearSchedule(ScheduleConfig):
     """Linear warmup, then a linear decay to 0 at ``train.max_steps``."""
 
-    name: str = setting("linear", math=True)
+    name: str = setting("linear", on_resume=OnResume.changes_math)
     """Selected with schedule=linear."""
 
     def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
@@ -197,9 +197,9 @@ def cosine(
 class CosineSchedule(ScheduleConfig):
     """Linear warmup, then a cosine decay to 0 at ``train.max_steps``."""
 
-    name: str = setting("cosine", math=True)
+    name: str = setting("cosine", on_resume=OnResume.changes_math)
     """Selected with schedule=cosine."""
-    num_cycles: float = setting(0.5, math=True)
+    num_cycles: float = setting(0.5, on_resume=OnResume.changes_math)
     """Cosine waves over the decay; 0.5 is one half-wave from peak to 0."""
 
     def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
@@ -226,9 +226,9 @@ def cosine_with_restarts(step: int, *, warmup_steps: int, max_steps: int, num_cy
 class CosineWithRestartsSchedule(ScheduleConfig):
     """Linear warmup, then hard restarts: the decay split into ``num_cycles`` half-cosines."""
 
-    name: str = setting("cosine_with_restarts", math=True)
+    name: str = setting("cosine_with_restarts", on_resume=OnResume.changes_math)
     """Selected with schedule=cosine_with_restarts."""
-    num_cycles: int = setting(1, math=True)
+    num_cycles: int = setting(1, on_resume=OnResume.changes_math)
     """Hard restarts: the decay is split into this many half-cosines."""
 
     def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
@@ -261,11 +261,11 @@ def polynomial(
 class PolynomialSchedule(ScheduleConfig):
     """Linear warmup, then a polynomial decay to ``lr_end`` at ``train.max_steps``."""
 
-    name: str = setting("polynomial", math=True)
+    name: str = setting("polynomial", on_resume=OnResume.changes_math)
     """Selected with schedule=polynomial."""
-    lr_end: float = setting(1e-7, math=True)
+    lr_end: float = setting(1e-7, on_resume=OnResume.changes_math)
     """Absolute LR reached at train.max_steps; must be below optim.lr."""
-    power: float = setting(1.0, math=True)
+    power: float = setting(1.0, on_resume=OnResume.changes_math)
     """Exponent of the decay; 1.0 is linear."""
 
     def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
@@ -306,9 +306,9 @@ def inverse_sqrt(step: int, *, warmup_steps: int, timescale: int) -> float:
 class InverseSqrtSchedule(ScheduleConfig):
     """Linear warmup, then a decay as one over the square root of the step."""
 
-    name: str = setting("inverse_sqrt", math=True)
+    name: str = setting("inverse_sqrt", on_resume=OnResume.changes_math)
     """Selected with schedule=inverse_sqrt."""
-    timescale: int | None = setting(None, math=True)
+    timescale: int | None = setting(None, on_resume=OnResume.changes_math)
     """Steps over which the LR falls by sqrt(2) after warmup; default: the warmup, or 10000 without warmup."""
 
     def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
@@ -323,13 +323,13 @@ class InverseSqrtSchedule(ScheduleConfig):
 class CosineWithMinLRSchedule(ScheduleConfig):
     """Linear warmup, then a cosine decay down to a floor."""
 
-    name: str = setting("cosine_with_min_lr", math=True)
+    name: str = setting("cosine_with_min_lr", on_resume=OnResume.changes_math)
     """Selected with schedule=cosine_with_min_lr."""
-    num_cycles: float = setting(0.5, math=True)
+    num_cycles: float = setting(0.5, on_resume=OnResume.changes_math)
     """Cosine waves over the decay; 0.5 is one half-wave from peak to the floor."""
-    min_lr: float | None = setting(None, math=True)
+    min_lr: float | None = setting(None, on_resume=OnResume.changes_math)
     """Absolute floor of the cosine; wins over min_lr_rate when set."""
-    min_lr_rate: float | None = setting(None, math=True)
+    min_lr_rate: float | None = setting(None, on_resume=OnResume.changes_math)
     """Floor as a fraction of optim.lr."""
 
     def min_rate(self, peak_lr: float) -> float:
@@ -392,9 +392,9 @@ def cosine_warmup_with_min_lr(
 class CosineWarmupWithMinLRSchedule(CosineWithMinLRSchedule):
     """A warmup that starts at ``warmup_lr_rate``, then a cosine decay down to a floor."""
 
-    name: str = setting("cosine_warmup_with_min_lr", math=True)
+    name: str = setting("cosine_warmup_with_min_lr", on_resume=OnResume.changes_math)
     """Selected with schedule=cosine_warmup_with_min_lr."""
-    warmup_lr_rate: float | None = setting(None, math=True)
+    warmup_lr_rate: float | None = setting(None, on_resume=OnResume.changes_math)
     """First warmup step's LR as a fraction of optim.lr; default 1/warmup_steps."""
 
     def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
@@ -461,21 +461,21 @@ SHAPES = ("linear", "cosine", "1-sqrt")
 class WarmupStableDecaySchedule(ScheduleConfig):
     """Warmup, a long constant stretch, then a decay (MiniCPM; Hägele et al. 2024)."""
 
-    name: str = setting("warmup_stable_decay", math=True)
+    name: str = setting("warmup_stable_decay", on_resume=OnResume.changes_math)
     """Selected with schedule=warmup_stable_decay."""
-    num_decay_steps: int | None = setting(None, math=True)
+    num_decay_steps: int | None = setting(None, on_resume=OnResume.changes_math)
     """Decay length in steps; wins over decay_ratio when set."""
-    decay_ratio: float | None = setting(None, math=True)
+    decay_ratio: float | None = setting(None, on_resume=OnResume.changes_math)
     """Decay length as a fraction of train.max_steps, rounded up."""
-    num_stable_steps: int | None = setting(None, math=True)
+    num_stable_steps: int | None = setting(None, on_resume=OnResume.changes_math)
     """Constant stretch in steps; default: what warmup and decay leave of train.max_steps."""
-    warmup_type: str = setting("linear", math=True)
+    warmup_type: str = setting("linear", on_resume=OnResume.changes_math)
     """Shape of the warmup: linear, cosine or 1-sqrt."""
-    decay_type: str = setting("cosine", math=True)
+    decay_type: str = setting("cosine", on_resume=OnResume.changes_math)
     """Shape of the decay: linear, cosine or 1-sqrt."""
-    min_lr_ratio: float = setting(0.0, math=True)
+    min_lr_ratio: float = setting(0.0, on_resume=OnResume.changes_math)
     """Floor of warmup and decay as a fraction of optim.lr."""
-    num_cycles: float = setting(0.5, math=True)
+    num_cycles: float = setting(0.5, on_resume=OnResume.changes_math)
     """Cosine waves of a cosine decay; 0.5 is one half-wave."""
 
     def decay_steps(self, max_steps: int) -> int:

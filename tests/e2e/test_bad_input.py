@@ -6,11 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import own_lines, run_ramp
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from tests.helpers import own_lines, run_ramp, snapshot
 
 
 @pytest.mark.parametrize(

@@ -173,7 +173,7 @@ def test_entrypoint_trains_and_docker_stop_checkpoints_then_resumes(
             kill_job(proc)
     first = log.read_text()
     assert "launch | SIGTERM: asking the trainers to save a checkpoint and stop" in first
-    stopped = re.search(r"ramp \| preempted by SIGUSR1: saved \S+ at step (\d+)", first)
+    stopped = re.search(r"ramp \| preempted by SIGTERM \(to the launcher\): saved \S+ at step (\d+)", first)
     assert stopped is not None, first[-3000:]
     assert int(stopped.group(1)) < MAX_STEPS
     again = start(cmd, cwd=REPO, env=env, log=log)

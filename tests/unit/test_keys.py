@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from trainer import config, keys, schedules
-from trainer.schema import CHANGES_MATH
+from trainer.schema import ON_RESUME, OnResume
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -56,22 +56,22 @@ def test_every_key_the_readme_names_exists() -> None:
 
 
 @pytest.mark.parametrize("schema", schema_classes(), ids=lambda c: c.__name__)
-def test_every_field_has_a_docstring_and_says_whether_it_changes_the_math(schema: type) -> None:
+def test_every_field_has_a_docstring_and_says_what_a_change_on_resume_does(schema: type) -> None:
     undocumented = [name for name, doc in keys.declared_docs(schema).items() if not doc]
     assert not undocumented, f"{schema.__name__}: no docstring where these are declared"
     for declared in fields(schema):
-        assert CHANGES_MATH in declared.metadata, (
-            f"{schema.__name__}.{declared.name}: declare it with setting()"
-        )
+        assert ON_RESUME in declared.metadata, f"{schema.__name__}.{declared.name}: declare it with setting()"
 
 
-def test_activation_checkpointing_and_logging_cadence_do_not_change_the_math() -> None:
-    facts = config.math_keys(config.compose().to_dict())
-    assert facts["train.activation_checkpointing"] is False
-    assert facts["train.log_every"] is False
-    assert facts["train.seq_len"] is True
-    assert facts["optim.lr"] is True
-    assert facts["schedule.warmup_ratio"] is True
+def test_what_a_change_on_resume_does() -> None:
+    facts = config.resume_facts(config.compose().to_dict())
+    assert facts["train.activation_checkpointing"] is OnResume.applies
+    assert facts["train.log_every"] is OnResume.applies
+    assert facts["optim.betas"] is OnResume.changes_math
+    assert facts["schedule.warmup_ratio"] is OnResume.changes_math
+    assert facts["train.seq_len"] is OnResume.refused
+    assert facts["model.hidden_size"] is OnResume.refused
+    assert facts["optim.no_decay"] is OnResume.refused
 
 
 def _functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:

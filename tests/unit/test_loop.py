@@ -13,13 +13,14 @@ from trainer.config import Config
 from trainer.distributed import DistInfo
 from trainer.errors import TrainingHalted
 from trainer.loop import Trainer, TrainState
+from trainer.observe import Recorder
 from trainer.preemption import StopSignal
 
 
 def make_trainer(
     tmp_path: Path, small_config: Callable[..., Config], info: DistInfo, on_nan: str, poison_micro_step: int
-) -> Trainer:
-    """A 5-step single-rank run whose gradient turns NaN on one chosen backward pass."""
+) -> tuple[Trainer, Recorder]:
+    """A 5-step single-rank run whose gradient turns NaN on one chosen backward pass, and its recorder."""
     cfg = small_config(
         "train.max_steps=5",
         "train.log_every=1",
@@ -32,22 +33,21 @@ def make_trainer(
         "logger.progress=off",
         "logger.wandb.mode=disabled",
     )
-    trainer = tiny_trainer(cfg, info, tmp_path / "run")
+    trainer, recorder = tiny_trainer(cfg, info, tmp_path / "run")
     backwards = iter(range(10**6))
     first = next(trainer.backend.module.parameters())
     first.register_hook(lambda grad: grad * float("nan") if next(backwards) == poison_micro_step else grad)
-    return trainer
+    return trainer, recorder
 
 
 def test_skip_drops_the_update_without_advancing_the_step_or_schedule(
     tmp_path: Path, small_config: Callable[..., Config], alone: DistInfo
 ) -> None:
-    trainer = make_trainer(
-        tmp_path, small_config, alone, "skip", poison_micro_step=5
-    )  # the 2nd micro-batch of step 3
+    # the 2nd micro-batch of step 3
+    trainer, recorder = make_trainer(tmp_path, small_config, alone, "skip", poison_micro_step=5)
     state = TrainState()
-    trainer.fit(state, StopSignal(alone))
-    trainer.recorder.close()
+    trainer.fit(state, StopSignal(alone), recorder)
+    recorder.close()
     assert state.global_step == 5
     assert state.skipped_steps == 1
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -61,9 +61,9 @@ def test_skip_drops_the_update_without_advancing_the_step_or_schedule(
 def test_halt_stops_before_the_update(
     tmp_path: Path, small_config: Callable[..., Config], alone: DistInfo
 ) -> None:
-    trainer = make_trainer(tmp_path, small_config, alone, "halt", poison_micro_step=5)
+    trainer, recorder = make_trainer(tmp_path, small_config, alone, "halt", poison_micro_step=5)
     state = TrainState()
     with pytest.raises(TrainingHalted, match=r"non-finite gradient norm .* at step 3"):
-        trainer.fit(state, StopSignal(alone))
+        trainer.fit(state, StopSignal(alone), recorder)
     assert state.global_step == 2
     assert state.skipped_steps == 0

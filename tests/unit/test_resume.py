@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tests.helpers import one_step, random_batch, save_checkpoint, tiny_backend
 from trainer import checkpoint, resume
@@ -21,6 +22,8 @@ from trainer.data.sampler import WindowSampler
 from trainer.distributed import DistInfo
 from trainer.errors import ConfigError
 from trainer.loop import IntervalMeter
+from trainer.observe import redact
+from trainer.schema import OnResume
 from trainer.testing import run_distributed
 
 
@@ -109,7 +112,7 @@ def test_restore_gives_weights_optimizer_data_position_and_interval_back_exactly
 
     restored = tiny_backend(small_config(), alone)  # fresh weights and an empty optimizer
     sampler, meter = parts(alone)
-    resume.restore(start_of(path), alone, restored, sampler, meter)
+    resume.restore(start_of(path), alone, restored, sampler, meter, small_config().optim)
     assert sampler.state_dict() == {"epoch": 0, "position": 1}
     assert (meter.steps, meter.tokens, float(meter.loss_sum)) == (1, 64, 3.0)
     one_step(restored, random_batch(2))  # the same next step: bit-identical only if Adam's moments came back
@@ -123,7 +126,7 @@ def test_restore_gives_this_ranks_rng_stream_back(
     path = save_checkpoint(tmp_path, 1, ddp_backend, alone)
     after_save = torch.rand(4)
     torch.manual_seed(77)
-    resume.restore(start_of(path), alone, ddp_backend, *parts(alone))
+    resume.restore(start_of(path), alone, ddp_backend, *parts(alone), compose().optim)
     assert torch.equal(torch.rand(4), after_save)
 
 
@@ -141,56 +144,127 @@ def test_loading_never_executes_code(tmp_path: Path, ddp_backend: DDPBackend, al
     meta["files"]["model.pt"] = checkpoint.checksum(path / "model.pt")  # checksums alone do not protect
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(pickle.UnpicklingError):
-        resume.restore(start_of(path), alone, ddp_backend, *parts(alone))
+        resume.restore(start_of(path), alone, ddp_backend, *parts(alone), compose().optim)
     assert not marker.exists()
 
 
-def test_a_checkpoint_of_another_backend_is_refused(
+def test_the_given_optimizer_hyperparameters_win_over_the_checkpoints(
     tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
 ) -> None:
+    one_step(ddp_backend, random_batch(1))
     path = save_checkpoint(tmp_path, 1, ddp_backend, alone)
-    meta = json.loads((path / "meta.json").read_text())
-    meta["backend"] = "deepspeed"
-    (path / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match="backend=deepspeed"):
-        resume.restore(start_of(path), alone, ddp_backend, *parts(alone))
+    given = compose(["optim.weight_decay=0.01", "optim.betas=[0.8,0.9]", "optim.eps=1e-6"]).optim
+    resume.restore(start_of(path), alone, ddp_backend, *parts(alone), given)
+    groups = {group["name"]: group for group in ddp_backend.param_groups}
+    assert groups["decay"]["weight_decay"] == 0.01
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    assert all(group["betas"] == (0.8, 0.9) and group["eps"] == 1e-6 for group in groups.values())
+    assert ddp_backend.optimizer.state  # the moments came back with them
 
 
-def test_config_changes_name_the_keys_that_change_the_math_only() -> None:
+def change(key: str, old: object, new: object, effect: OnResume) -> resume.Change:
+    return resume.Change(key, old, new, effect)
+
+
+def test_each_change_carries_what_it_does() -> None:
     saved = compose(["train.seq_len=256", "train.log_every=10"]).to_dict()
-    current = compose(
-        ["train.seq_len=128", "train.log_every=1", "run.name=b", "train.activation_checkpointing=true"]
-    )
-    assert resume.config_changes(saved, current.to_dict()) == ["train.seq_len: 256 -> 128"]
+    current = compose(["train.seq_len=128", "train.log_every=1", "optim.lr=1e-3", "run.name=b"]).to_dict()
+    assert resume.config_changes(saved, current) == [
+        change("optim.lr", 6e-4, 1e-3, OnResume.changes_math),
+        change("run.dir", "outputs/gpt2-tiny", "outputs/b", OnResume.applies),
+        change("run.name", "gpt2-tiny", "b", OnResume.applies),
+        change("train.log_every", 10, 1, OnResume.applies),
+        change("train.seq_len", 256, 128, OnResume.refused),
+    ]
 
 
-def test_a_key_under_a_free_form_dict_and_a_key_of_another_schedule_are_reported() -> None:
+def test_a_key_under_a_free_form_dict_and_a_key_of_another_schedule_are_changes() -> None:
     saved = compose(["schedule=cosine"]).to_dict()
     current = compose(["schedule=warmup_stable_decay", "+model.extra.n_inner=64"]).to_dict()
-    changes = resume.config_changes(saved, current)
-    assert "model.extra.n_inner: None -> 64" in changes
-    assert "schedule.name: cosine -> warmup_stable_decay" in changes
+    changes = {str(c): c.effect for c in resume.config_changes(saved, current)}
+    assert changes["model.extra.n_inner: None -> 64"] is OnResume.refused
+    assert changes["schedule.name: cosine -> warmup_stable_decay"] is OnResume.changes_math
     assert "schedule.num_cycles: 0.5 -> 0.5" not in changes  # a key both have, unchanged
-    assert "schedule.decay_ratio: None -> 0.2" in changes  # only the new schedule has it
+    assert changes["schedule.decay_ratio: None -> 0.2"] is OnResume.changes_math  # only wsd has it
+
+
+def with_config(path: Path, *overrides: str) -> resume.Start:
+    """The checkpoint at ``path``, its metadata saying it was written by ``overrides``' config."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta["config"] = compose(list(overrides)).to_dict()
+    (path / "meta.json").write_text(json.dumps(meta))
+    return start_of(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["model.hidden_size=256"], "model.hidden_size is 192 in"),
+        (["optim.no_decay=[]"], "optim.no_decay is ['*.bias', '*norm*', '*ln_*'] in"),
+        (["backend=deepspeed"], "backend.name is ddp in"),
+        (["data.tokenizer=train"], "data.tokenizer is bytes in"),
+        (["train.seq_len=128", "model.num_layers=2"], "model.num_layers is 4 in"),
+    ],
+)
+def test_a_change_the_checkpoint_cannot_honour_is_refused_naming_key_values_and_fix(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo, overrides: list[str], named: str
+) -> None:
+    start = with_config(save_checkpoint(tmp_path, 1, ddp_backend, alone))
+    with pytest.raises(ConfigError) as excinfo:
+        resume.accept(start, compose(overrides).to_dict())
+    message = str(excinfo.value)
+    assert message.startswith(f"run.resume: {named} {start.path} but ")
+    assert "run.resume=never" in message
+    assert "\n" not in message
+
+
+def test_changes_that_apply_are_accepted(tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo) -> None:
+    start = with_config(save_checkpoint(tmp_path, 1, ddp_backend, alone))
+    given = [
+        "optim.weight_decay=0.01",
+        "train.micro_batch_size=4",
+        "train.grad_accum_steps=2",
+        "schedule=linear",
+    ]
+    keys = [c.key for c in resume.accept(start, compose(given).to_dict())]
+    assert {"optim.weight_decay", "train.micro_batch_size", "train.grad_accum_steps", "schedule.name"} <= set(
+        keys
+    )
 
 
 def test_a_longer_run_is_reported_once_with_the_lr_it_continues_at(
     tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = save_checkpoint(tmp_path, 6, ddp_backend, alone)
-    meta = json.loads((path / "meta.json").read_text())
-    meta["config"] = compose(["train.max_steps=6", "schedule=linear"]).to_dict()
-    (path / "meta.json").write_text(json.dumps(meta))
+    start = with_config(
+        save_checkpoint(tmp_path, 6, ddp_backend, alone), "train.max_steps=6", "schedule=linear"
+    )
     cfg = compose(["train.max_steps=9", "schedule=linear", "train.activation_checkpointing=true"])
     with caplog.at_level(logging.INFO, logger="ramp"):
-        resume.report_changes(start_of(path), cfg.to_dict(), cfg.lr_schedule)
+        resume.report_changes(start, resume.accept(start, cfg.to_dict()), cfg.lr_schedule)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "train.max_steps: 6 -> 9" in warnings[0]
     assert "train.max_steps is now 9" in warnings[0]
     assert f"step 7 trains at LR {cfg.lr_schedule.lr(7):.4g}" in warnings[0]
-    assert "activation_checkpointing" not in caplog.text
-    assert f"resuming from {path} at step 6" in caplog.text
+    assert "changed on resume: train.activation_checkpointing: False -> True" in caplog.text
+    assert f"resuming from {start.path} at step 6" in caplog.text
+
+
+def test_an_accepted_start_writes_config_and_appends_one_history_record(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    run_dir = tmp_path / "run"
+    resume.record_start(run_dir, compose().to_dict(), None, [])
+    start = with_config(save_checkpoint(run_dir / "checkpoints", 4, ddp_backend, alone))
+    given = compose(["optim.lr=1e-3"]).to_dict()
+    resume.record_start(run_dir, given, start, resume.accept(start, given))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == given
+    history = [json.loads(line) for line in (run_dir / resume.HISTORY).read_text().splitlines()]
+    assert [(h["start"], h["step"], h["checkpoint"]) for h in history] == [
+        ("fresh", 0, None),
+        ("changed", 4, str(start.path)),
+    ]
+    assert history[1]["changed"] == {"optim.lr": [6e-4, 1e-3]}
 
 
 def _plan(tmp_path: Path, *overrides: str) -> resume.RunPlan:
@@ -203,7 +277,7 @@ def test_a_fresh_folder_starts_fresh_and_an_occupied_one_resumes_or_is_refused(
     assert _plan(tmp_path) == resume.RunPlan(tmp_path / "run")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("")
-    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+    with pytest.raises(ConfigError, match="another run with no checkpoint to resume from"):
         _plan(tmp_path)
     with pytest.raises(ConfigError, match=r"run\.resume=never"):
         _plan(tmp_path, "run.resume=never")
@@ -225,3 +299,14 @@ def test_a_named_checkpoint_starts_a_new_folder(
     assert resume.plan(compose([f"run.dir={tmp_path / 'c'}", f"run.resume={tmp_path / 'a'}"])).candidates == [
         saved
     ]
+
+
+def test_a_folder_killed_before_its_first_checkpoint_is_started_over_by_the_same_run_only(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    resume.record_start(run_dir, redact(compose([f"run.dir={run_dir}"]).to_dict()), None, [])
+    (run_dir / "checkpoints" / ".tmp-step_2").mkdir(parents=True)  # killed during its first save
+    assert _plan(tmp_path, "train.log_every=1") == resume.RunPlan(run_dir, starting_over=True)
+    with pytest.raises(ConfigError, match="another run"):
+        _plan(tmp_path, "optim.lr=1e-3")

@@ -191,6 +191,7 @@ class DeepSpeedBackend(Backend):
         distributed.ensure_process_group()
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed asserts it; torchrun sets it
         self.zero_stage = cfg.backend.zero_stage
+        self.precision = cfg.train.precision.value
         optimizer = _build_optimizer(cfg, model, info.device)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size)
@@ -245,7 +246,7 @@ class DeepSpeedBackend(Backend):
             ConfigError: another ZeRO stage, or shards for another rank count.
             RuntimeError: DeepSpeed found no checkpoint to load in the folder.
         """
-        check_resumable(folder, meta, self.zero_stage, info.world_size)
+        check_resumable(folder, meta, self.zero_stage, info.world_size, self.precision)
         with weights_only_loads():
             loaded, _ = self.engine.load_checkpoint(
                 str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -254,8 +255,11 @@ class DeepSpeedBackend(Backend):
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder / TAG}")
 
 
-def check_resumable(folder: Path, meta: CheckpointMeta, zero_stage: int, world_size: int) -> None:
-    """A DeepSpeed checkpoint resumes with the stage and (when sharded) the rank count that wrote it.
+def check_resumable(
+    folder: Path, meta: CheckpointMeta, zero_stage: int, world_size: int, precision: str = "fp32"
+) -> None:
+    """A DeepSpeed checkpoint resumes with the stage, the precision (DeepSpeed's bf16 mode keeps its own
+    optimizer state) and, when sharded, the rank count that wrote it.
 
     Raises:
         ConfigError: naming the setting to resume it with.
@@ -269,6 +273,12 @@ def check_resumable(folder: Path, meta: CheckpointMeta, zero_stage: int, world_s
         raise ConfigError(
             f"run.resume: {folder} was written with backend.zero_stage={saved_stage}; resume it with "
             f"backend.zero_stage={saved_stage}"
+        )
+    saved_precision = meta.config.get("train", {}).get("precision")
+    if saved_precision != precision:
+        raise ConfigError(
+            f"run.resume: {folder} was written with train.precision={saved_precision}, whose DeepSpeed "
+            f"optimizer state does not convert; resume it with train.precision={saved_precision}"
         )
     sharded = any((folder / TAG).glob("*zero_pp_rank_*"))
     if sharded and meta.world_size != world_size:

@@ -12,6 +12,14 @@ from tqdm import tqdm
 from trainer.observe.redact import RedactFilter
 
 log = logging.getLogger("ramp")
+job_log = logging.getLogger("ramp.job")
+"""For events every rank meets alike (a skipped update, a changed setting on resume): rank 0 alone says
+them, so a 2-rank job prints each once. ``log`` is for what a rank meets on its own; its warnings are
+printed by every rank that meets them, tagged with the rank."""
+
+ONLY_RANK_0 = ("ramp.job", "py.warnings")
+"""Loggers whose records every rank produces alike: job-wide events, and Python warnings raised by the
+library code that every rank runs identically."""
 
 
 class _TqdmHandler(logging.Handler):
@@ -30,7 +38,7 @@ class _TqdmHandler(logging.Handler):
 
 
 def setup_logging(rank: int) -> None:
-    """Rank 0 prints INFO and up; every other rank prints only warnings and errors, tagged."""
+    """Rank 0 prints INFO and up; every other rank prints only its own warnings and errors, tagged."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -53,6 +61,8 @@ def setup_logging(rank: int) -> None:
     hf.handlers.clear()
     hf.propagate = True
     hf.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    for name in ONLY_RANK_0:
+        logging.getLogger(name).setLevel(logging.NOTSET if rank == 0 else logging.CRITICAL + 1)
 
 
 def _fmt_rate(tokens_per_s: float) -> str:

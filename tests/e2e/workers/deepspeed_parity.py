@@ -109,8 +109,8 @@ def train(root: Path, name: str, overrides: list[str], info: Any) -> dict[str, A
     if cfg.backend.name == "deepspeed":
         record_applied_lrs(backend, calls)
     recorder = Recorder(info.is_main, run_dir, {"run": {"name": name}}, cfg.logger, MAX_STEPS, start_step=0)
-    trainer = Trainer(cfg, info, backend, data, schedule, recorder, run_dir, cfg.to_dict())
-    trainer.fit(TrainState(), StopSignal(info))
+    trainer = Trainer(cfg, info, backend, data, schedule, run_dir, cfg.to_dict())
+    trainer.fit(TrainState(), StopSignal(info), recorder)
     recorder.close()
     if cfg.backend.name == "deepspeed":
         engine = backend.engine  # type: ignore[attr-defined]

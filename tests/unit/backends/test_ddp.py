@@ -59,7 +59,7 @@ def _one_loop_step_with_three_micro_batches(info: DistInfo, cache: str, run_dir:
             *(f"data.cache_dir={cache}", "logger.wandb.mode=disabled", "logger.progress=off"),
         ]
     )
-    trainer = tiny_trainer(cfg, info, Path(run_dir))
+    trainer, _ = tiny_trainer(cfg, info, Path(run_dir))
     backend = trainer.backend
     assert isinstance(backend, DDPBackend)
     assert backend.ddp is not None

@@ -363,10 +363,11 @@ def nothing_to_train(start: Start, max_steps: int) -> bool:
     if start.meta.step < max_steps:
         return False
     job_log.info(
-        "ramp | %s is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps to go on)",
+        "ramp | %s already reached train.max_steps=%d (it is at step %d): nothing to train, nothing "
+        "written; raise train.max_steps to train further",
         start.path,
-        start.meta.step,
         max_steps,
+        start.meta.step,
     )
     return True
 

@@ -197,7 +197,8 @@ def test_a_checkpoint_resumes_only_where_its_shards_fit(
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ramp: error: run.resume: ")
-    assert "written by backend=deepspeed; resume it with backend=deepspeed" in last
+    assert "backend.name is deepspeed in" in last
+    assert "keep backend.name=deepspeed" in last
     assert "Traceback" not in result.stderr
 
 

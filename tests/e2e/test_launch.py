@@ -308,7 +308,7 @@ def test_a_signalled_slurm_job_checkpoints_requeues_and_resumes_exactly(
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert info["Restarts"] == "1", log[-3000:]
     assert "SIGUSR1: asking the trainers to save a checkpoint and stop" in log
-    stopped = re.findall(r"ramp \| preempted by SIGUSR1: saved \S+ at step (\d+)", log)
+    stopped = re.findall(r"ramp \| preempted by SIGUSR1 \(to the launcher\): saved \S+ at step (\d+)", log)
     assert len(stopped) == 1, log[-3000:]
     step = stopped[0]
     assert 3 <= int(step) < MAX_STEPS

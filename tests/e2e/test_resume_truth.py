@@ -136,7 +136,7 @@ def test_a_start_with_nothing_to_train_writes_nothing(finished: Path, cache_dir:
     """Fault 3: a finished run asked for fewer steps exits 0 and leaves its folder byte-identical."""
     before = snapshot(finished / "outputs")
     result = ok(run_ramp([*SMALL, "train.max_steps=3", "run.name=done"], cwd=finished, cache_dir=cache_dir))
-    assert "nothing to train" in result.stdout
+    assert "already reached train.max_steps=3 (it is at step 6): nothing to train" in result.stdout
     assert snapshot(finished / "outputs") == before
 
 

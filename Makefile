@@ -10,7 +10,7 @@ NPROC ?= 2
 TRAIN_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv train test lint typecheck bench clean
+.PHONY: venv train test lint typecheck bench mutants clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ typecheck: venv
 
 test: lint typecheck
 	$(VENV)/bin/pytest
+
+# Realistic bugs in ramp's core, each caught by the tests that claim to (about 15 minutes); see README.
+mutants: venv
+	$(PY) -m tests.mutants
 
 # Throughput against a bare PyTorch loop and the HF Trainer; prints a table (about 15 minutes).
 bench: venv

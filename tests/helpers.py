@@ -15,6 +15,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+def missing(component: str) -> None:
+    """A real component a test needs (Slurm, shellcheck) is not on this machine: skip here, fail in CI.
+
+    ``.ci/run`` installs every such component and sets ``RAMP_CI=1``: there a missing one is a failure,
+    not a silently skipped test.
+
+    Raises:
+        pytest.fail.Exception: under CI. pytest.skip.Exception: elsewhere.
+    """
+    import pytest
+
+    if os.environ.get("RAMP_CI") == "1":
+        pytest.fail(f"{component} is missing, and CI must test it (.ci/run installs it)")
+    pytest.skip(f"{component} is not installed here (.ci/run installs it)")
+
+
 def ramp_env(cache_dir: Path) -> dict[str, str]:
     """The environment a test run gets: offline, unbuffered, a shared token cache, no secrets."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RAMP_", "TORCHELASTIC_"))}

@@ -169,10 +169,6 @@ class Trainer:
         for group in self.backend.param_groups:
             group["lr"] = lr
 
-    def lrs(self) -> dict[str, float]:
-        """The LR of every parameter group, by the group's name."""
-        return {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(self.backend.param_groups)}
-
     def train_step(self) -> tuple[torch.Tensor, int]:
         """Forward and backward every micro-batch of one optimizer step; gradients sync on the last.
 
@@ -255,7 +251,8 @@ class Trainer:
         """Reduce the open log interval over ranks and record it (collective: every rank calls it)."""
         record: dict[str, Any] = {"step": state.global_step, "lr": lr, **self.meter.reduce(self.info)}
         record.update(grad_norm=float(grad_norm), tokens=state.tokens, epoch=self.data.train.state.epoch)
-        record.update({f"lr/{name}": group_lr for name, group_lr in self.lrs().items()})
+        # Each group's LR as the optimizer read it when it stepped: what trained, not what was meant to.
+        record.update({f"lr/{name}": group_lr for name, group_lr in self.backend.applied_lrs.items()})
         record["skipped_steps"] = state.skipped_steps
         if self.peak_flops:
             record["mfu"] = mfu(

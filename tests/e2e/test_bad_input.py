@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import own_lines, run_ramp, snapshot
+from tests.helpers import own_lines, ramp_env, run_ramp, snapshot
 
 
 @pytest.mark.parametrize(
@@ -44,12 +44,34 @@ def test_existing_run_folder_is_never_touched(tmp_path: Path, cache_dir: Path) -
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
     (run_dir / "notes.txt").write_text("precious")
     before = snapshot(run_dir)
-    for overrides in (["run.resume=never"], ["run.resume=auto"], ["optim.lr=-1"]):
+    cases = [
+        (["run.resume=never"], "run.dir=outputs/gpt2-tiny already exists and run.resume=never"),
+        (["run.resume=auto"], "run.dir=outputs/gpt2-tiny already holds another run with no checkpoint"),
+        (["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+    ]
+    for overrides, message in cases:
         result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, nproc=0, timeout=120)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"ramp: error: {message}"), lines[0]
         assert snapshot(run_dir) == before
-    assert "run.dir=outputs/gpt2-tiny" in result.stderr or "optim.lr" in result.stderr
+
+
+def test_a_secret_in_an_error_message_is_scrubbed(tmp_path: Path, cache_dir: Path) -> None:
+    env = ramp_env(cache_dir) | {"HF_TOKEN": "hf_planted_0a1b2c3d4e"}
+    result = run_ramp(
+        ["data=text", "data.files=corpus/hf_planted_0a1b2c3d4e/*.txt"],
+        cwd=tmp_path,
+        cache_dir=cache_dir,
+        nproc=0,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "ramp: error: data.files=corpus/***/*.txt matches no file; check the pattern and the working folder"
+    )
 
 
 @pytest.mark.slow

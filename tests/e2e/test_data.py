@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from tests.helpers import REPO, own_lines, read_metrics, run_ramp
+from tests.helpers import REPO, own_lines, read_metrics, run_export, run_ramp
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +29,17 @@ def write_corpus(corpus: Path) -> list[Path]:
     rows = [{"text": path.read_text(errors="replace"), "origin": path.name} for path in stdlib[50:]]
     (corpus / "more.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     return stdlib
+
+
+def assert_export_carries_the_tokenizer(run_dir: Path, out: Path, cache: Path, text: str) -> None:
+    """The exported model folder holds the run's tokenizer, which loads and encodes as training did."""
+    from transformers import AutoTokenizer
+
+    run_export(run_dir / "checkpoints" / "step_6", out, cache)
+    saved = run_dir / "tokenizer.json"
+    assert (out / "tokenizer.json").read_bytes() == saved.read_bytes()
+    expected = Tokenizer.from_file(str(saved)).encode(text).ids
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == expected
 
 
 def test_text_corpus_with_a_trained_tokenizer_then_a_cached_second_run(tmp_path: Path) -> None:
@@ -59,10 +70,8 @@ def test_text_corpus_with_a_trained_tokenizer_then_a_cached_second_run(tmp_path:
     for record in train:
         assert math.isfinite(record["loss"])
         assert record["loss"] < math.log(512) + 1
-        assert record["data_wait_s"] >= 0
-    waited = sum(r["data_wait_s"] for r in train)
-    stepped = sum(r["step_time"] for r in train)
-    assert waited < 0.01 * stepped, f"the step waited {waited:.4f} s for data in {stepped:.2f} s"
+        # a part of the step: measured, not asserted to be small (speed is for bench/, not tests)
+        assert 0 <= record["data_wait_s"] <= record["step_time"]
     assert [e["step"] for e in evals] == [3, 6]
     for record in evals:
         assert record["val_ppl"] == pytest.approx(math.exp(record["val_loss"]))
@@ -85,9 +94,8 @@ def test_text_corpus_with_a_trained_tokenizer_then_a_cached_second_run(tmp_path:
     assert [p for p in cache.iterdir() if p.is_dir()] == [entry]
     assert (tmp_path / "outputs" / "second" / "tokenizer.json").read_bytes() == saved.read_bytes()
     # the same data and seed: the second run trains on exactly the first run's batches
-    assert [r["loss"] for r in read_metrics(tmp_path / "outputs" / "second")[0]] == pytest.approx(
-        [r["loss"] for r in train], rel=1e-5
-    )
+    assert [r["loss"] for r in read_metrics(tmp_path / "outputs" / "second")[0]] == [r["loss"] for r in train]
+    assert_export_carries_the_tokenizer(run_dir, tmp_path / "hf", cache, text)
 
 
 def test_missing_file_end_to_end_exits_2_with_one_line(tmp_path: Path, cache_dir: Path) -> None:

@@ -86,7 +86,12 @@ def test_zero_stages_match_ddp(name: str, parity: tuple[Path, dict[str, Any]]) -
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_bf16_trains_like_fp32(parity: tuple[Path, dict[str, Any]]) -> None:
-    root, _ = parity
+    root, report = parity
+    # bf16 really is on: the engine runs its bf16 mode and holds the weights it computes with in bf16.
+    assert report["deepspeed-zero2-bf16-accum1"]["bf16"] is True
+    assert report["deepspeed-zero2-bf16-accum1"]["weight_dtype"] == "torch.bfloat16"
+    assert report["deepspeed-zero2-accum1"]["bf16"] is False
+    assert report["deepspeed-zero2-accum1"]["weight_dtype"] == "torch.float32"
     bf16 = train_records(root, "deepspeed-zero2-bf16-accum1")
     fp32 = train_records(root, "ddp-accum1")
     assert [r["lr"] for r in bf16] == [r["lr"] for r in fp32]

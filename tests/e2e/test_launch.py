@@ -24,7 +24,7 @@ import pytest
 
 from launch.run import expand_nodelist
 from launch.submit import job_id
-from tests.helpers import REPO, kill_job, ramp_env, read_metrics, train_steps
+from tests.helpers import REPO, kill_job, missing, ramp_env, read_metrics, train_steps
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +200,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             ["bash", str(CLUSTER_UP)], env=env, capture_output=True, text=True, timeout=300, check=False
         )
         if up.returncode == 3:
-            pytest.skip(f"no local Slurm cluster: {up.stderr.strip()}")
+            missing(f"a local Slurm cluster ({up.stderr.strip()})")
         assert up.returncode == 0, up.stdout + up.stderr
         yield {"SLURM_CONF": str(folder / "etc" / "slurm.conf")}
     finally:
@@ -248,6 +248,36 @@ def submitted(cwd: Path, env: dict[str, str]) -> Iterator[str]:
     finally:
         if scontrol_job(job, env)["JobState"] not in ENDED:
             subprocess.run(["scancel", job], env=env, timeout=30, check=False)
+
+
+def test_ctrl_c_to_the_launcher_checkpoints_and_the_same_command_resumes(
+    tmp_path: Path, cache_dir: Path, two_nodes: tuple[Path, list[str]]
+) -> None:
+    """SIGINT (Ctrl-C in the launcher's terminal) to launch.run: the trainers save at one step, exit 0;
+    the same command continues, and the run ends as an unbroken one."""
+    env = launch_env(cache_dir)
+    cmd = [sys.executable, "-m", "launch.run", "--nproc-per-node", "2", "--", *BASE]
+    run_dir, log = tmp_path / "outputs" / "run", tmp_path / "launch.log"
+    proc = start(cmd, cwd=tmp_path, env=env, log=log)
+    try:
+        wait_for_step(run_dir, 4, lambda: proc.poll() is None)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    first = log.read_text()
+    assert "launch | SIGINT: asking the trainers to save a checkpoint and stop" in first
+    stopped = re.search(r"ramp \| preempted by SIGINT \(to the launcher\): saved \S+ at step (\d+)", first)
+    assert stopped is not None, first[-3000:]
+    again = start(cmd, cwd=tmp_path, env=env, log=log)
+    try:
+        assert again.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        if again.poll() is None:
+            kill_job(again)
+    assert f"resuming from outputs/run/checkpoints/step_{stopped.group(1)}" in log.read_text()
+    assert series(run_dir) == series(two_nodes[0] / "outputs" / "run")
 
 
 def test_slurm_expands_node_lists_as_the_launcher_does(slurm: dict[str, str]) -> None:

@@ -130,7 +130,8 @@ def test_killed_at_random_moments_and_during_saves_ends_bit_identical(
                     assert time.monotonic() < deadline, log.read_text()[-3000:]
                     time.sleep(0.002)
                 kill_job(proc)
-                kills_mid_save += 1
+                # Counted only when the kill left the save unfinished (it may win the race and finish).
+                kills_mid_save += saving_beyond(checkpoints, resumed_from + 2)
             else:
                 time.sleep(rng.uniform(0.5, 7.0))  # start-up and training alike
                 assert proc.poll() is None, "the job finished before its tenth kill"
@@ -141,7 +142,7 @@ def test_killed_at_random_moments_and_during_saves_ends_bit_identical(
         kills += 1
     result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert kills_mid_save == 5
+    assert kills_mid_save >= 3, f"only {kills_mid_save} of 5 kills landed inside a save"
     assert series(run_dir) == series(tmp_path / "reference" / "outputs" / "run")
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]
 
@@ -160,6 +161,36 @@ def test_torchrun_restarts_a_crashed_rank_and_training_resumes(
             kill_job(proc)
     assert "resuming from outputs/run/checkpoints/step_" in log.read_text()
     assert series(run_dir) == reference
+
+
+def test_an_open_log_interval_and_dropout_noise_resume_exactly(tmp_path: Path, cache_dir: Path) -> None:
+    """SIGKILL after a checkpoint taken inside a log interval (train.log_every=4, a save every 3 steps),
+    with dropout on: the resumed run logs what the unbroken one does, which needs the open interval's
+    sums and every rank's RNG streams back."""
+    keys = {"train.log_every", "train.ckpt_every", "train.max_steps", "train.eval_every"}
+    overrides = [o for o in BASE if o.split("=")[0] not in keys]
+    overrides += ["train.log_every=4", "train.ckpt_every=3", "train.max_steps=12", "train.eval_every=0"]
+    overrides += ["model.dropout=0.1"]
+    (tmp_path / "reference").mkdir()
+    assert run_ramp(overrides, cwd=tmp_path / "reference", cache_dir=cache_dir).returncode == 0
+    run_dir, log = tmp_path / "outputs" / "run", tmp_path / "job.log"
+    proc = launch_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, log=log)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "checkpoints" / "latest").exists():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        kill_job(proc)
+    resumed_from = newest_checkpoint(run_dir / "checkpoints")
+    assert resumed_from % 4, "the kill must leave a checkpoint inside a log interval"
+    assert resumed_from < 12, "the kill came after the end"
+    result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reference = read_metrics(tmp_path / "reference" / "outputs" / "run")[0]
+    assert [r["step"] for r in reference] == [1, 4, 8, 12]
+    assert series(run_dir) == series(tmp_path / "reference" / "outputs" / "run")
 
 
 def test_single_rank_with_accumulation_resumes_exactly(tmp_path: Path, cache_dir: Path) -> None:

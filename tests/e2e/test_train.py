@@ -92,10 +92,15 @@ def test_logged_loss_does_not_depend_on_the_world_size(tmp_path: Path, cache_dir
     two = run_ramp([*common, "run.name=two"], cwd=tmp_path, cache_dir=cache_dir, nproc=2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
-    loss_one = [r["loss"] for r in read_metrics(tmp_path / "outputs" / "one")[0]]
-    loss_two = [r["loss"] for r in read_metrics(tmp_path / "outputs" / "two")[0]]
-    assert len(loss_one) == len(loss_two) == 4
-    assert loss_one == pytest.approx(loss_two, rel=1e-5)
+    one_rank, two_ranks = (
+        read_metrics(tmp_path / "outputs" / "one")[0],
+        read_metrics(tmp_path / "outputs" / "two")[0],
+    )
+    assert len(one_rank) == len(two_ranks) == 4
+    # Summed in another order, so equal to rounding; the gradient too (clipping and Adam would hide a
+    # wrong scale from the losses, not from the pre-clip norm).
+    assert [r["loss"] for r in one_rank] == pytest.approx([r["loss"] for r in two_ranks], rel=1e-5)
+    assert [r["grad_norm"] for r in one_rank] == pytest.approx([r["grad_norm"] for r in two_ranks], rel=1e-4)
 
 
 def test_single_process_without_torchrun(tmp_path: Path, cache_dir: Path) -> None:
@@ -108,3 +113,20 @@ def test_single_process_without_torchrun(tmp_path: Path, cache_dir: Path) -> Non
     assert result.returncode == 0, result.stderr
     train, _ = read_metrics(tmp_path / "outputs" / "gpt2-tiny")
     assert [r["tokens"] for r in train] == [2048, 4096, 6144]
+
+
+def test_a_record_of_several_steps_holds_their_token_weighted_mean(
+    tmp_path: Path, cache_dir: Path, cosine_run: tuple[Path, str]
+) -> None:
+    """The default train.log_every=10: the loss of the record at step 10 is the mean of steps 2..10 (all of
+    the same tokens) of the same run logged every step; at 20, of steps 11..20."""
+    result = run_ramp([c for c in COSINE if c != "train.log_every=1"], cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    every_step = {r["step"]: r for r in read_metrics(cosine_run[0])[0]}
+    records = read_metrics(tmp_path / "outputs" / "gpt2-tiny")[0]
+    assert [r["step"] for r in records] == [1, 10, 20]
+    for record, steps in zip(records, ([1], range(2, 11), range(11, 21)), strict=True):
+        mean = sum(every_step[k]["loss"] for k in steps) / len(steps)
+        assert record["loss"] == pytest.approx(mean, rel=1e-12), record["step"]
+        assert record["grad_norm"] == every_step[record["step"]]["grad_norm"]
+        assert record["tokens"] == every_step[record["step"]]["tokens"]

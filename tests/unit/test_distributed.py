@@ -10,24 +10,31 @@ import torch
 from trainer import distributed
 from trainer.distributed import DistInfo
 from trainer.loop import IntervalMeter
+from trainer.observe.flops import memory_gb
 from trainer.testing import run_distributed
 
 
 def _reduce_an_interval(info: DistInfo) -> dict[str, float]:
-    """Rank r saw (r + 1) * 100 tokens at a summed loss of (r + 1) * 250 over two steps."""
+    """Rank r saw (r + 1) * 100 tokens at a summed loss of (r + 1) * 250 over two steps; rank 1 holds
+    256 MiB more memory than rank 0."""
+    held = torch.ones(info.rank * 256 * 2**20 // 4)  # touched: resident
     meter = IntervalMeter(info.device)
     meter.loss_sum += (info.rank + 1) * 250.0
     meter.tokens = (info.rank + 1) * 100
     meter.steps = 2
     meter.data_wait = 0.5 * (info.rank + 1)
-    return meter.reduce(info)
+    own = memory_gb(info.device)
+    reduced = meter.reduce(info)
+    return {**reduced, "own_memory_gb": own, "held": float(held.sum())}
 
 
-def test_the_logged_loss_is_the_token_weighted_mean_over_ranks() -> None:
+def test_the_logged_loss_is_the_token_weighted_mean_over_ranks_and_memory_the_largest() -> None:
     first, second = run_distributed(_reduce_an_interval)
     assert first["loss"] == second["loss"] == pytest.approx((250 + 500) / (100 + 200), rel=1e-12)
     assert first["data_wait_s"] == pytest.approx((0.5 + 1.0) / 2 / 2)  # mean over ranks, per step
-    assert first["memory_gb"] == second["memory_gb"] > 0  # the largest rank's, on every rank
+    assert first["memory_gb"] == second["memory_gb"]
+    assert second["own_memory_gb"] > first["own_memory_gb"] + 0.2
+    assert first["memory_gb"] == pytest.approx(second["own_memory_gb"], rel=0.02)  # the max, not the sum
 
 
 def _agree(info: DistInfo) -> dict[str, Any]:

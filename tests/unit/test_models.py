@@ -64,7 +64,19 @@ def test_built_model_pads_the_vocabulary(built: tuple[Config, Any]) -> None:
     assert model.config.model_type == cfg.model.arch
     assert model.config.vocab_size == 320
     assert model.get_input_embeddings().weight.shape == (320, cfg.model.hidden_size)
-    assert 1_000_000 <= count_parameters(model) <= 3_000_000
+    assert count_parameters(model) == expected_parameters(cfg.model.arch, vocab=320)
+
+
+def expected_parameters(arch: str, vocab: int) -> int:
+    """The presets' parameter counts from the architectures' definitions (tied embeddings counted once)."""
+    d, layers = 192, 4
+    if arch == "gpt2":  # wte, wpe; per block: 2 LayerNorms, c_attn, c_proj, c_fc, c_proj (with biases); ln_f
+        block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+        return vocab * d + 512 * d + layers * block + 2 * d
+    # llama: embeddings; per block: q, k, v (2 of 4 heads of 48 for k and v), o, gate, up, down, 2 RMSNorms
+    kv, inner = 2 * 48, 512
+    block = d * d + 2 * d * kv + d * d + 3 * d * inner + 2 * d
+    return vocab * d + layers * block + d
 
 
 @pytest.mark.parametrize(("tokens", "padded"), [(1, 64), (64, 64), (256, 256), (257, 320), (50_257, 50_304)])

@@ -72,6 +72,12 @@ class Backend(ABC):
         norm leaves the weights and optimizer state untouched (the loop then halts or skips).
         """
 
+    @property
+    @abstractmethod
+    def applied_lrs(self) -> dict[str, float]:
+        """The LR of every parameter group, by name, as the optimizer read it in its last step: recorded
+        by a pre-step hook on the optimizer that really steps, so a record shows what trained."""
+
     @abstractmethod
     def save(self, folder: Path, info: DistInfo) -> None:
         """Write the model and optimizer state into a checkpoint folder (called on every rank)."""
@@ -83,6 +89,22 @@ class Backend(ABC):
         Raises:
             ConfigError: the checkpoint cannot resume on this backend as configured, saying why.
         """
+
+
+class AppliedLRs:
+    """The LR of each parameter group at the moment ``optimizer.step()`` runs (a step pre-hook).
+
+    What the loop wrote before the step is not proof: the LR that trained is what the optimizer held
+    when it stepped, whoever wrapped it (DeepSpeed steps its torch optimizer inside ``engine.step()``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.lrs: dict[str, float] = {}
+        optimizer.register_step_pre_hook(self._record)
+
+    def _record(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Merged, not replaced: ZeRO 1 and 2 step their torch optimizer once per group, showing it one.
+        self.lrs.update({str(g["name"]): float(g["lr"]) for g in optimizer.param_groups})
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

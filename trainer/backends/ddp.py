@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.backends import Backend
+from trainer.backends import AppliedLRs, Backend
 from trainer.checkpoint import torch_save_durably
 from trainer.config import Config, Precision
 from trainer.config import DDPBackend as DDPConfig
@@ -32,6 +32,7 @@ class DDPBackend(Backend):
         self.device = info.device
         self.module = model.to(info.device)
         self.optimizer = build_optimizer(self.module, cfg.optim, info.device)
+        self.probe = AppliedLRs(self.optimizer)
         self.max_grad_norm = cfg.train.max_grad_norm
         self.dtype = torch.bfloat16 if cfg.train.precision == Precision.bf16 else None
         network: nn.Module = torch.compile(self.module) if cfg.train.compile else self.module  # type: ignore[assignment]
@@ -51,6 +52,11 @@ class DDPBackend(Backend):
     def param_groups(self) -> list[dict[str, Any]]:
         """The AdamW groups (decay and no_decay)."""
         return self.optimizer.param_groups
+
+    @property
+    def applied_lrs(self) -> dict[str, float]:
+        """Read by the pre-step hook on the AdamW optimizer."""
+        return self.probe.lrs
 
     def accumulate(self, last: bool) -> AbstractContextManager[Any]:
         """DDP's ``no_sync`` on every micro-batch but the step's last, which all-reduces the gradients."""

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from trainer import checkpoint, distributed
-from trainer.backends import Backend
+from trainer.backends import AppliedLRs, Backend
 from trainer.config import Config, Offload, Precision
 from trainer.config import DeepSpeedBackend as DeepSpeedConfig
 from trainer.distributed import DistInfo
@@ -199,6 +199,7 @@ class DeepSpeedBackend(Backend):
         assert self.engine.lr_scheduler is None, "no scheduler may be handed to DeepSpeed's engine"
         self.module = self.engine.module
         self.model = self.engine
+        self.probe = AppliedLRs(self.engine.basic_optimizer)  # the torch optimizer the engine steps
         # Any wrapper (ZeRO, bf16, fp16) checks the norm inside engine.step(); the bare torch
         # optimizer (ZeRO 0 in fp32) does not, so ramp checks before calling it.
         self.engine_checks_norm = self.engine.optimizer is not self.engine.basic_optimizer
@@ -207,6 +208,11 @@ class DeepSpeedBackend(Backend):
     def param_groups(self) -> list[dict[str, Any]]:
         """The groups of the optimizer the engine steps (its ZeRO wrapper's, which it copies from)."""
         return self.engine.optimizer.param_groups
+
+    @property
+    def applied_lrs(self) -> dict[str, float]:
+        """Read by the pre-step hook on the torch optimizer inside the engine."""
+        return self.probe.lrs
 
     def accumulate(self, last: bool) -> AbstractContextManager[Any]:
         """Tell the engine whether this micro-batch ends the step: it reduces gradients only then."""

@@ -119,6 +119,8 @@ def train(root: Path, name: str, overrides: list[str], info: Any) -> dict[str, A
             engine_steps=engine.global_steps,
             engine_scheduler=repr(engine.lr_scheduler),
             client_scheduler=repr(engine.client_lr_scheduler),
+            bf16=bool(engine.bfloat16_enabled()),
+            weight_dtype=str(next(backend.module.parameters()).dtype),
         )
     del trainer, backend
     gc.collect()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.run import DEFAULT_PORT, SLURM_PORT_BASE, expand_nodelist, visible_gpus
-from tests.helpers import REPO
+from launch.run import expand_nodelist, visible_gpus
+from tests.helpers import REPO, missing
 
 SHELL_SCRIPTS = [
     REPO / "launch" / "slurm" / "local_cluster_up.sh",
@@ -55,7 +55,7 @@ def test_slurm_node_lists_expand_in_slurms_order() -> None:
 
 def test_launcher_reads_a_slurm_allocation(tmp_path: Path) -> None:
     env = clean_env(
-        SLURM_JOB_ID="4242",
+        SLURM_JOB_ID="123456",
         SLURM_JOB_NUM_NODES="4",
         SLURM_JOB_NODELIST="gpu[07-10]",
         SLURM_NODEID="2",
@@ -68,10 +68,10 @@ def test_launcher_reads_a_slurm_allocation(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("launch | node 2 of 4 on ")
-    assert "Slurm job 4242" in lines[0]
+    assert "Slurm job 123456" in lines[0]
     assert "4 processes per node" in lines[0]
-    port = SLURM_PORT_BASE + 4242
-    assert f"c10d rendezvous at gpu07:{port} (id 4242)" in lines[0]
+    port = 23456  # 20000 + the job id modulo 20000: two jobs on one head node get different ports
+    assert f"c10d rendezvous at gpu07:{port} (id 123456)" in lines[0]
     env_line = dict(item.split("=", 1) for item in lines[1].removeprefix("launch | env ").split())
     assert env_line["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert env_line["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
@@ -85,8 +85,8 @@ def test_launcher_reads_a_slurm_allocation(tmp_path: Path) -> None:
         "--max-restarts=0",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint=gpu07:{port}",
-        "--rdzv-id=4242",
-        "--log-dir=logs/4242/node2",
+        "--rdzv-id=123456",
+        "--log-dir=logs/123456/node2",
         "--tee=3",
     } <= set(command)
     assert command[-4:] == ["-m", "trainer.main", "model=llama-tiny", "train.max_steps=7"]
@@ -114,12 +114,12 @@ def test_launcher_options_win_over_slurm_and_one_node_runs_standalone(tmp_path: 
     two = python_m("launch.run", ["--dry-run"], step, tmp_path)
     assert two.returncode == 0, two.stderr
     assert "--nnodes=2" in two.stdout
-    assert f"--rdzv-endpoint=n3:{SLURM_PORT_BASE + 8}" in two.stdout
+    assert "--rdzv-endpoint=n3:20008" in two.stdout
     outside = python_m(
         "launch.run", ["--dry-run", "--nnodes", "2", "--max-restarts", "3"], clean_env(), tmp_path
     )
     assert outside.returncode == 0, outside.stderr
-    assert f"--rdzv-endpoint=127.0.0.1:{DEFAULT_PORT}" in outside.stdout
+    assert "--rdzv-endpoint=127.0.0.1:29400" in outside.stdout  # torchrun's own default c10d port
     assert "--rdzv-id=ramp" in outside.stdout
     assert "--max-restarts=3" in outside.stdout
     assert f"--nproc-per-node={visible_gpus(os.environ) or 1}" in outside.stdout  # every GPU, else 1
@@ -165,7 +165,7 @@ def test_shell_scripts_pass_bash_n_and_shellcheck(script: Path) -> None:
     syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert syntax.returncode == 0, syntax.stderr
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (.ci/run installs it)")
+        missing("shellcheck")
     lint = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
     assert lint.returncode == 0, lint.stdout
 

@@ -15,9 +15,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.helpers import REPO, transformers_lrs
 from trainer.config import compose
-from trainer.observe import flops
+from trainer.distributed import DistInfo
+from trainer.observe import flops, job_log, setup_logging
 from trainer.observe.redact import MASK, RedactFilter, redact, scrub, scrubbed_argv
 from trainer.schedule_plot import key_points, main
+from trainer.testing import run_distributed
 
 # --- secrets -------------------------------------------------------------------------------------
 
@@ -105,12 +107,21 @@ def test_peak_flops_table_and_override() -> None:
     assert flops.mfu(1e9, 4e3, 1e13, 2) == pytest.approx(0.2)  # 4e12 FLOP/s of 2e13
 
 
-def test_cpu_memory_is_the_process_rss() -> None:
-    import psutil
+def _vm_rss_gib() -> float:
+    """The kernel's own count of this process's resident memory (/proc/self/status), in GiB."""
+    line = next(
+        line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:")
+    )
+    return int(line.split()[1]) * 1024 / 2**30
 
-    before = psutil.Process().memory_info().rss / 2**30
-    measured = flops.memory_gb(torch.device("cpu"))
-    assert measured == pytest.approx(before, rel=0.05)
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_cpu_memory_is_the_process_rss_in_gib() -> None:
+    assert flops.memory_gb(torch.device("cpu")) == pytest.approx(_vm_rss_gib(), rel=0.05)
+    held = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    grown = flops.memory_gb(torch.device("cpu"))
+    assert grown == pytest.approx(_vm_rss_gib(), rel=0.05)
+    assert float(held.sum()) == 64 * 2**20 // 4
 
 
 # --- the schedule plot ---------------------------------------------------------------------------
@@ -204,3 +215,30 @@ def test_only_whole_word_secret_names_are_masked() -> None:
     assert masked["model"]["extra"]["hub_token"] == MASK
     assert "my-org/tokenizer-v2" in scrub("loading my-org/tokenizer-v2")
     assert scrub("token hf_abcdefghijklmnop") == f"token {MASK}"
+
+
+SECRET = "hf_planted_rank_secret_77"
+
+
+def _warn_from_every_rank(info: DistInfo) -> None:
+    import warnings
+
+    setup_logging(info.rank)
+    if info.rank == 1:
+        logging.getLogger("ramp").warning("rank 1 alone met this, with %s", SECRET)
+    job_log.warning("every rank met this one alike")
+    warnings.warn("a library warning every rank raises", UserWarning, stacklevel=1)
+    sys.stderr.flush()
+
+
+def test_each_event_is_printed_once_and_a_ranks_own_warning_tagged_and_scrubbed(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", SECRET)  # inherited by the ranks: a secret to scrub
+    run_distributed(_warn_from_every_rank)
+    err = capfd.readouterr().err
+    assert SECRET not in err
+    assert err.count("[rank 1] WARNING ramp: rank 1 alone met this, with ***") == 1
+    assert err.count("every rank met this one alike") == 1
+    assert "[rank 1] WARNING ramp.job" not in err
+    assert err.count("UserWarning: a library warning every rank raises") == 1

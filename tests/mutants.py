@@ -1,0 +1,290 @@
+"""``make mutants``: realistic bookkeeping bugs in ramp's core, each caught by the tests that claim to.
+
+Each mutant is one small edit of ramp's code: the kind of bug that hides in a training framework (the
+schedule stepped at the wrong time, accumulation not averaged, state not restored on resume, every
+rank writing, a checkpoint's settings winning over the user's). For each, a throwaway copy of the tree
+gets the edit and runs the tests named next to it; the mutant is **killed** when they fail and
+**survives** when they pass, which means a test does not test what it claims. A mutant whose code
+has changed since it was written (its text is not in the file exactly once) is **stale** and counts
+as a survivor: fix its text. The table goes to stdout; the exit status is 1 if any survived.
+
+Not part of ``make test`` (it runs about a hundred test sessions); run it after changing trainer/,
+and add a mutant with every new claim (README Development section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IGNORED = shutil.ignore_patterns(".venv", ".git", "outputs", "logs", "wandb", "__pycache__", ".*_cache")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One bug: where it goes, the text it replaces, and the tests that must catch it."""
+
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+UNIT, E2E = "tests/unit", "tests/e2e"
+TRAIN = f"{E2E}/test_train.py"
+TRUTH = f"{E2E}/test_resume_truth.py"
+
+MUTANTS = [
+    Mutant(
+        "LR written after the optimizer step",
+        "trainer/loop.py",
+        "            self.set_lr(lr)  # before the step it belongs to: step k trains at the schedule's f(k)\n"
+        "            loss_sum, tokens = self.train_step()\n"
+        "            grad_norm, applied = self.backend.step()\n",
+        "            loss_sum, tokens = self.train_step()\n"
+        "            grad_norm, applied = self.backend.step()\n"
+        "            self.set_lr(lr)\n",
+        (f"{TRAIN}::test_two_ranks_write_twenty_records_on_the_transformers_cosine",),
+    ),
+    Mutant(
+        "accumulated gradients not averaged",
+        "trainer/loop.py",
+        "scale = 1.0 / (t.grad_accum_steps * t.micro_batch_size * t.seq_len)",
+        "scale = 1.0 / (t.micro_batch_size * t.seq_len)",
+        (f"{TRAIN}::test_logged_loss_does_not_depend_on_the_world_size",),
+    ),
+    Mutant(
+        "gradients synced on every micro-batch",
+        "trainer/loop.py",
+        "with backend.accumulate(last=micro == t.grad_accum_steps - 1):",
+        "with backend.accumulate(last=True):",
+        (f"{UNIT}/backends/test_ddp.py",),
+    ),
+    Mutant(
+        "DDP's no_sync on the wrong micro-batches",
+        "trainer/backends/ddp.py",
+        "if last or self.ddp is None:",
+        "if not last or self.ddp is None:",
+        (f"{UNIT}/backends/test_ddp.py",),
+    ),
+    Mutant(
+        "the log interval's token count never reset",
+        "trainer/loop.py",
+        "self.tokens = self.steps = 0",
+        "self.steps = 0",
+        (f"{TRAIN}::test_a_record_of_several_steps_holds_their_token_weighted_mean",),
+    ),
+    Mutant(
+        "the loss not reduced over ranks",
+        "trainer/loop.py",
+        "loss_sum, tokens, data_wait, *memory = distributed.all_reduce_sum(packed, info).tolist()",
+        "loss_sum, tokens, data_wait, *memory = packed.tolist()",
+        (f"{UNIT}/test_distributed.py",),
+    ),
+    Mutant(
+        "tokens counted on one rank only",
+        "trainer/loop.py",
+        "state.tokens + tokens * self.info.world_size",
+        "state.tokens + tokens",
+        (f"{TRAIN}::test_two_ranks_write_twenty_records_on_the_transformers_cosine",),
+    ),
+    Mutant(
+        "a skipped update advances the global step",
+        "trainer/loop.py",
+        "                self.skip_or_halt(state, step, grad_norm, consecutive_skips)\n                continue\n",
+        "                self.skip_or_halt(state, step, grad_norm, consecutive_skips)\n"
+        "                state.global_step = step\n                continue\n",
+        (f"{UNIT}/test_loop.py",),
+    ),
+    Mutant(
+        "one step past train.max_steps",
+        "trainer/loop.py",
+        "while state.global_step < t.max_steps:",
+        "while state.global_step <= t.max_steps:",
+        (f"{UNIT}/test_loop.py",),
+    ),
+    Mutant(
+        "the schedule read one step late (LR 0 on step 1)",
+        "trainer/schedules.py",
+        "return float(self.multiplier_fn(min(step, self.max_steps)))",
+        "return float(self.multiplier_fn(min(step - 1, self.max_steps)))",
+        (f"{UNIT}/test_schedules.py",),
+    ),
+    Mutant(
+        "warmup_ratio rounded down",
+        "trainer/schedules.py",
+        "warmup = math.ceil(cfg.warmup_ratio * max_steps)",
+        "warmup = int(cfg.warmup_ratio * max_steps)",
+        (f"{UNIT}/test_schedules.py",),
+    ),
+    Mutant(
+        "the open log interval not restored on resume",
+        "trainer/resume.py",
+        '            meter.load_state_dict(rank_state["meter"])',
+        "            pass",
+        (f"{E2E}/test_resume.py::test_an_open_log_interval_and_dropout_noise_resume_exactly",),
+    ),
+    Mutant(
+        "per-rank RNG states not restored on resume",
+        "trainer/resume.py",
+        '        checkpoint.set_rng_state(rank_state.pop("rng"))',
+        '        rank_state.pop("rng")',
+        (f"{E2E}/test_resume.py::test_an_open_log_interval_and_dropout_noise_resume_exactly",),
+    ),
+    Mutant(
+        "the data position not restored on resume",
+        "trainer/resume.py",
+        "    sampler.load_state_dict(meta.sampler)",
+        "    pass",
+        (f"{UNIT}/test_resume.py",),
+    ),
+    Mutant(
+        "the checkpoint's optimizer settings win over the given ones",
+        "trainer/resume.py",
+        "    apply_hyperparameters(backend.param_groups, optim)",
+        "    pass",
+        (f"{UNIT}/test_resume.py",),
+    ),
+    Mutant(
+        "a change the checkpoint cannot honour is accepted",
+        "trainer/resume.py",
+        "    if refused:",
+        "    if False:",
+        (f"{UNIT}/test_resume.py",),
+    ),
+    Mutant(
+        "checksums not verified",
+        "trainer/resume.py",
+        "    return checkpoint.verify(folder, meta.files)",
+        "    return None",
+        (f"{UNIT}/test_resume.py",),
+    ),
+    Mutant(
+        "each rank's RNG and log-interval state left out of a checkpoint",
+        "trainer/checkpoint.py",
+        '    torch_save_durably({**rank_state, "rng": rng_state()}, staging / f"rank_{info.rank}.pt")\n'
+        "    backend.save(staging, info)\n",
+        "    backend.save(staging, info)\n",
+        (f"{UNIT}/test_checkpoint.py",),
+    ),
+    Mutant(
+        "DeepSpeed's bf16 mode dropped",
+        "trainer/backends/deepspeed.py",
+        '        config["bf16"] = {"enabled": True, "check_grad_overflow": True}',
+        "        pass",
+        (f"{UNIT}/backends/test_deepspeed.py",),
+    ),
+    Mutant(
+        "every rank writes the records",
+        "trainer/main.py",
+        "        info.is_main, plan.run_dir, resolved, cfg.logger,",
+        "        True, plan.run_dir, resolved, cfg.logger,",
+        (
+            f"{TRAIN}::test_two_ranks_write_twenty_records_on_the_transformers_cosine",
+            f"{TRAIN}::test_run_folder_holds_resolved_config_and_one_wandb_run",
+        ),
+    ),
+    Mutant(
+        "job-wide warnings printed by every rank",
+        "trainer/observe/console.py",
+        "logging.getLogger(name).setLevel(logging.NOTSET if rank == 0 else logging.CRITICAL + 1)",
+        "logging.getLogger(name).setLevel(logging.NOTSET)",
+        (f"{UNIT}/observe/test_observe.py",),
+    ),
+    Mutant(
+        "secret-named config keys not masked",
+        "trainer/observe/redact.py",
+        'k: (MASK if SECRET_NAME.search(str(k)) and v not in (None, "") else _mask(v, secrets))',
+        "k: _mask(v, secrets)",
+        (f"{UNIT}/observe/test_observe.py",),
+    ),
+    Mutant(
+        "ranks outlive a killed torchrun",
+        "trainer/main.py",
+        "    exit_with_parent()\n",
+        "    pass\n",
+        (f"{TRUTH}::test_no_rank_outlives_a_killed_torchrun",),
+    ),
+    Mutant(
+        "the launcher loses the trainers' exit code",
+        "launch/run.py",
+        "        return max(trainer_codes)",
+        "        return code",
+        (f"{TRUTH}::test_the_launcher_exits_with_the_trainers_code_and_each_event_is_said_once",),
+    ),
+]
+
+
+def apply(mutant: Mutant, tree: Path) -> bool:
+    """Edit ``tree``'s copy of the mutant's file; False when its text is not there exactly once."""
+    path = tree / mutant.file
+    text = path.read_text()
+    if text.count(mutant.old) != 1:
+        return False
+    path.write_text(text.replace(mutant.old, mutant.new))
+    return True
+
+
+def run_tests(tree: Path, tests: tuple[str, ...], timeout: float) -> int:
+    """pytest's exit status for ``tests`` run in ``tree`` (its own code on the path), -1 on a timeout."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    try:
+        result = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return -1
+    return result.returncode
+
+
+def verdict(mutant: Mutant | None, tests: tuple[str, ...], timeout: float) -> str:
+    """killed, survived or stale, after the tests ran on a copy of the tree with the mutant (or none)."""
+    with tempfile.TemporaryDirectory(prefix="ramp-mutant-") as scratch:
+        tree = Path(scratch) / "ramp"
+        shutil.copytree(REPO, tree, ignore=IGNORED)
+        if mutant is not None and not apply(mutant, tree):
+            return "stale"
+        code = run_tests(tree, tests, timeout)
+    # pytest: 0 all passed; 1 a test failed; 2 an error (a mutant may break an import); 3 an internal
+    # error; 4 a usage error (a test id that does not exist); 5 nothing collected.
+    return {0: "survived", 1: "killed", 2: "killed (an error)", -1: "killed (timed out)"}.get(code, "stale")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every mutant (or those whose name contains ``--only``); print the table; 1 if any survived."""
+    parser = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the mutants whose name contains this text")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.only in m.name]
+    # First the tests themselves, on the tree as it is: a mutant is only killed by tests that pass.
+    every_test = tuple(dict.fromkeys(test for m in chosen for test in m.tests))
+    if verdict(None, every_test, args.timeout) != "survived":
+        print("the mutants' tests fail on the unchanged tree; run them (make test) and fix that first")
+        return 2
+    rows = []
+    for mutant in chosen:
+        started = time.monotonic()
+        outcome = verdict(mutant, mutant.tests, args.timeout)
+        rows.append((mutant, outcome, time.monotonic() - started))
+        print(f"{outcome:<20} {time.monotonic() - started:6.1f} s  {mutant.name}", flush=True)
+    survivors = [(m, o) for m, o, _ in rows if not o.startswith("killed")]
+    print("\n| mutant | file | outcome |\n| --- | --- | --- |")
+    for mutant, outcome, _ in rows:
+        print(f"| {mutant.name} | `{mutant.file}` | {outcome} |")
+    print(f"\n{len(rows) - len(survivors)} of {len(rows)} mutants killed")
+    for mutant, outcome in survivors:
+        print(f"{outcome}: {mutant.name} ({mutant.file}); its tests: {' '.join(mutant.tests)}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ NPROC ?= 2
 TRAIN_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv train test lint typecheck bench mutants clean
+.PHONY: venv train test lint typecheck bench gpu-wheels mutants clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,21 @@ bench: venv
 	$(PY) -m bench.train
 	$(PY) -m bench.checkpoint
 	$(PY) -m bench.data
+
+# The pure-Python packages the GPU machine lacks, as wheels in .whl/ pinned to this venv's versions;
+# bench/gpu.sh installs them there (see README, Performance). antlr4-python3-runtime is published as an
+# sdist only, so when no wheel downloads, one is built here (it is pure Python).
+GPU_WHEELS := hydra-core omegaconf antlr4-python3-runtime
+gpu-wheels:
+	test -x $(PY) || { echo "make venv first: the versions come from $(VENV)"; exit 1; }
+	rm -rf .whl && mkdir -p .whl
+	set -e; for pkg in $(GPU_WHEELS); do \
+		spec="$$pkg==$$($(PIP) show $$pkg | sed -n 's/^Version: //p')"; \
+		$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d .whl "$$spec" 2>/dev/null \
+			|| { echo "no wheel of $$spec on the index: building one"; \
+				$(PIP) wheel --quiet --no-deps -w .whl "$$spec"; }; \
+	done
+	ls .whl
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

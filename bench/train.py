@@ -12,12 +12,21 @@ All train the same model (gpt2-tiny, byte vocabulary) on the same token file wit
 AdamW, clipping and a cosine schedule for K steps. Throughput is timed between the end of step 1 and
 the end of step K as each process reports them, so start-up is excluded from it and reported on
 its own as the time from the command to the end of the first step. Ratios are taken within a round
-(each contender against that round's bare loop), then summarised over rounds.
+(each contender against that round's bare loop), then summarised over rounds as the median of the
+per-round ratios.
+
+Next to tokens/s, each contender's tokens per CPU-second: the same tokens over the CPU time (user +
+system) that all its processes (torchrun and its ranks, or the one process) spent over the same
+window. On a shared machine another tenant's load slows a contender's wall clock but barely its CPU
+time, so this figure is the steadier one; tokens/s is the one a user waits on, and the one to trust
+when the control (e) agrees with the bare loop. While the control's per-round ratio spreads wider
+than :data:`STEADY` (max / min), more rounds are run, up to ``--max-rounds``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -31,6 +40,8 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+STEADY = 1.10
+"""The widest spread (max / min) of the control's per-round ratio that ends the rounds."""
 
 
 @dataclass
@@ -40,6 +51,8 @@ class Sample:
     tokens_per_s: float
     first_step_s: float
     peak_rss_mb: float
+    tokens_per_cpu_s: float
+    """The timed tokens over the CPU seconds all the contender's processes spent in the same window."""
 
 
 @dataclass
@@ -72,25 +85,44 @@ def launcher(nproc: int) -> list[str]:
     return [sys.executable]
 
 
-def run_once(
-    cmd: list[str], cwd: Path, first_marker: str, last_marker: str, threads: int
-) -> tuple[float, float, float]:
-    """Launch, watch stdout for the two step markers, track the process tree's peak memory.
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """CPU seconds (user + system) of ``root`` and all its descendants so far, the reaped ones included."""
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # a process that ended between the listing and the read
+            times = process.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
 
-    Returns (seconds from launch to the end of step 1, seconds from step 1 to step K, peak RSS in MB).
-    """
+
+@dataclass
+class Timing:
+    """What :func:`run_once` measures of one launch."""
+
+    first_step_s: float
+    """From the launch to the end of step 1."""
+    elapsed_s: float
+    """From the end of step 1 to the end of step K."""
+    cpu_s: float
+    """CPU seconds of the process tree from the end of step 1 to the end of step K."""
+    peak_rss_mb: float
+
+
+def run_once(cmd: list[str], cwd: Path, first_marker: str, last_marker: str, threads: int) -> Timing:
+    """Launch, watch stdout for the two step markers, track the process tree's peak memory, and read
+    the tree's CPU time at each marker."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
     env["OMP_NUM_THREADS"] = str(threads)  # every contender gets the same share of the cores
     launched = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    root = psutil.Process(proc.pid)
     peak = 0.0
     done = threading.Event()
 
     def watch_memory() -> None:
         nonlocal peak
-        root = psutil.Process(proc.pid)
         while not done.is_set():
             try:
                 tree = [root, *root.children(recursive=True)]
@@ -102,21 +134,22 @@ def run_once(
     watcher = threading.Thread(target=watch_memory, daemon=True)
     watcher.start()
     first = last = None
+    cpu_first = cpu_last = 0.0
     output = []
     assert proc.stdout is not None
     for line in proc.stdout:
         now = time.perf_counter()
         output.append(line)
         if first is None and line.startswith(first_marker):
-            first = now
+            first, cpu_first = now, tree_cpu_seconds(root)
         elif line.startswith(last_marker):
-            last = now
+            last, cpu_last = now, tree_cpu_seconds(root)
     proc.wait(timeout=600)
     done.set()
     watcher.join()
     if proc.returncode != 0 or first is None or last is None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{''.join(output[-40:])}")
-    return first - launched, last - first, peak
+    return Timing(first - launched, last - first, cpu_last - cpu_first, peak)
 
 
 def contenders(tokens: Path, steps: int, micro_batch: int, seq_len: int, nproc: int) -> list[Contender]:
@@ -150,10 +183,72 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):8.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
+def spread(values: list[float]) -> float:
+    """max / min of ``values`` (1.0 for fewer than two)."""
+    return max(values) / min(values) if len(values) > 1 else 1.0
+
+
+def run_round(
+    field_: list[Contender], round_index: int, opts: argparse.Namespace, scratch: Path
+) -> dict[str, Sample]:
+    """Launch every contender once, in this round's rotation of the order; their samples by name."""
+    shift = round_index % len(field_)
+    samples: dict[str, Sample] = {}
+    timed_tokens = opts.micro_batch * opts.seq_len * opts.nproc * (opts.steps - 1)
+    for contender in field_[shift:] + field_[:shift]:
+        cwd = scratch / f"{contender.name}-{round_index}"
+        cwd.mkdir()
+        ramp = contender.module == "trainer.main"
+        cmd = [*launcher(opts.nproc), "-m", contender.module, *contender.args]
+        if ramp:
+            cmd.append(f"run.dir={cwd / 'run'}")
+        first, last = (
+            ("step 1/", f"step {opts.steps}/") if ramp else ("BENCH step 1", f"BENCH step {opts.steps}")
+        )
+        threads = max(1, (os.cpu_count() or 1) // opts.nproc)
+        timing = run_once(cmd, cwd, first, last, threads)
+        sample = Sample(
+            timed_tokens / timing.elapsed_s,
+            timing.first_step_s,
+            timing.peak_rss_mb,
+            timed_tokens / max(timing.cpu_s, 1e-9),
+        )
+        contender.samples.append(sample)
+        samples[contender.name] = sample
+    return samples
+
+
+def print_table(
+    field_: list[Contender], ratios: dict[str, list[float]], cpu_ratios: dict[str, list[float]]
+) -> None:
+    """One line per contender: tokens/s and tokens per CPU-second with their ratios, start-up, memory."""
+    bare_first = statistics.median(s.first_step_s for s in field_[0].samples)
+    header = f"{'contender':30} {'tokens/s median [min, max]':>34} {'ratio to (a) [min, max]':>28}"
+    header += f" {'tokens/CPU-s median':>20} {'CPU ratio to (a) [min, max]':>28}"
+    print(header + f" {'first step s':>13} {'vs (a)':>7} {'peak RSS MB':>12}")
+    for c in field_:
+        speeds = [s.tokens_per_s for s in c.samples]
+        per_cpu = statistics.median(s.tokens_per_cpu_s for s in c.samples)
+        first_s = statistics.median(s.first_step_s for s in c.samples)
+        peak = statistics.median(s.peak_rss_mb for s in c.samples)
+        speed_text = f"{statistics.median(speeds):12.0f} [{min(speeds):.0f}, {max(speeds):.0f}]"
+        print(
+            f"{c.label:30} {speed_text:>34} {summary(ratios[c.name]):>28} {per_cpu:20.0f} "
+            f"{summary(cpu_ratios[c.name]):>28} {first_s:13.2f} {first_s - bare_first:+7.2f} {peak:12.0f}"
+        )
+
+
 def main() -> None:
-    """Run the contenders round by round, in a rotating order; print throughput, ratios, start-up, memory."""
+    """Run the contenders round by round, in a rotating order (more rounds while the control is unsteady);
+    print throughput and throughput per CPU-second with their ratios, start-up and memory."""
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument(
+        "--max-rounds",
+        type=int,
+        default=16,
+        help=f"add rounds up to this while the control spreads > {STEADY}",
+    )
     parser.add_argument(
         "--steps", type=int, default=30, help="a multiple of 10: ramp logs steps 1, 10, 20, ..."
     )
@@ -163,50 +258,32 @@ def main() -> None:
     opts = parser.parse_args()
     tokens = token_file()
     field_ = contenders(tokens, opts.steps, opts.micro_batch, opts.seq_len, opts.nproc)
-    step_tokens = opts.micro_batch * opts.seq_len * opts.nproc
     ratios: dict[str, list[float]] = {c.name: [] for c in field_}
+    cpu_ratios: dict[str, list[float]] = {c.name: [] for c in field_}
+    rounds = 0
     with tempfile.TemporaryDirectory() as scratch:
-        for round_index in range(opts.rounds):
-            shift = round_index % len(field_)
-            order = field_[shift:] + field_[:shift]
-            speeds: dict[str, float] = {}
-            for contender in order:
-                cwd = Path(scratch) / f"{contender.name}-{round_index}"
-                cwd.mkdir()
-                ramp = contender.module == "trainer.main"
-                cmd = [*launcher(opts.nproc), "-m", contender.module, *contender.args]
-                if ramp:
-                    cmd.append(f"run.dir={cwd / 'run'}")
-                first, last = (
-                    ("step 1/", f"step {opts.steps}/")
-                    if ramp
-                    else ("BENCH step 1", f"BENCH step {opts.steps}")
+        while rounds < opts.rounds or (rounds < opts.max_rounds and spread(ratios["control"]) > STEADY):
+            if rounds >= opts.rounds:
+                print(
+                    f"control spread {spread(ratios['control']):.3f} > {STEADY}: one more round", flush=True
                 )
-                threads = max(1, (os.cpu_count() or 1) // opts.nproc)
-                first_step, elapsed, peak = run_once(cmd, cwd, first, last, threads)
-                sample = Sample(step_tokens * (opts.steps - 1) / elapsed, first_step, peak)
-                contender.samples.append(sample)
-                speeds[contender.name] = sample.tokens_per_s
-            for name, speed in speeds.items():
-                ratios[name].append(speed / speeds["bare"])
-            line = "  ".join(f"{name} {speeds[name]:.0f}" for name in speeds)
-            print(f"round {round_index + 1}/{opts.rounds}: tokens/s {line}", flush=True)
-    bare_first = statistics.median(s.first_step_s for s in field_[0].samples)
+            samples = run_round(field_, rounds, opts, Path(scratch))
+            rounds += 1
+            for name, sample in samples.items():
+                ratios[name].append(sample.tokens_per_s / samples["bare"].tokens_per_s)
+                cpu_ratios[name].append(sample.tokens_per_cpu_s / samples["bare"].tokens_per_cpu_s)
+            line = "  ".join(f"{name} {samples[name].tokens_per_s:.0f}" for name in samples)
+            print(f"round {rounds}: tokens/s {line}", flush=True)
+    step_tokens = opts.micro_batch * opts.seq_len * opts.nproc
     print()
-    print(f"{opts.rounds} rounds x {opts.steps} steps, {opts.nproc} process(es), {step_tokens} tokens/step, ")
+    print(f"{rounds} rounds x {opts.steps} steps, {opts.nproc} process(es), {step_tokens} tokens/step, ")
     print(f"{psutil.cpu_count()} CPUs; throughput from the end of step 1 to the end of step {opts.steps}")
+    print(
+        f"control (e) spread (max / min of its per-round ratio): tokens/s {spread(ratios['control']):.3f}, "
+        f"tokens/CPU-s {spread(cpu_ratios['control']):.3f}; ratios are medians of per-round ratios"
+    )
     print()
-    header = f"{'contender':30} {'tokens/s median [min, max]':>34} {'ratio to (a) [min, max]':>28}"
-    print(header + f" {'first step s':>13} {'vs (a)':>7} {'peak RSS MB':>12}")
-    for c in field_:
-        speeds_ = [s.tokens_per_s for s in c.samples]
-        first_s = statistics.median(s.first_step_s for s in c.samples)
-        peak = statistics.median(s.peak_rss_mb for s in c.samples)
-        speed_text = f"{statistics.median(speeds_):12.0f} [{min(speeds_):.0f}, {max(speeds_):.0f}]"
-        print(
-            f"{c.label:30} {speed_text:>34} {summary(ratios[c.name]):>28} {first_s:13.2f} "
-            f"{first_s - bare_first:+7.2f} {peak:12.0f}"
-        )
+    print_table(field_, ratios, cpu_ratios)
 
 
 if __name__ == "__main__":

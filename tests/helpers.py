@@ -297,7 +297,8 @@ def one_step(backend: Any, batch: Any, lr: float = 1e-3) -> tuple[Any, bool]:
         with backend.autocast():
             loss = causal_lm_loss(backend.model, batch)
         backend.backward(loss / batch[:, 1:].numel())
-    return backend.step()
+    norm, applied = backend.step()
+    return norm, bool(applied)
 
 
 def random_batch(seed: int, rows: int = 2, width: int = 33) -> Any:

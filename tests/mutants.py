@@ -47,12 +47,12 @@ MUTANTS = [
     Mutant(
         "LR written after the optimizer step",
         "trainer/loop.py",
-        "            self.set_lr(lr)  # before the step it belongs to: step k trains at the schedule's f(k)\n"
+        "            self.set_lr(ledger)  # before the step it belongs to: step k trains at the schedule's f(k)\n"
         "            loss_sum, tokens = self.train_step()\n"
-        "            grad_norm, applied = self.backend.step()\n",
+        "            grad_norm, applied = self.backend.step(hold=ledger.held)\n",
         "            loss_sum, tokens = self.train_step()\n"
-        "            grad_norm, applied = self.backend.step()\n"
-        "            self.set_lr(lr)\n",
+        "            grad_norm, applied = self.backend.step(hold=ledger.held)\n"
+        "            self.set_lr(ledger)\n",
         (f"{TRAIN}::test_two_ranks_write_twenty_records_on_the_transformers_cosine",),
     ),
     Mutant(
@@ -77,32 +77,52 @@ MUTANTS = [
         (f"{UNIT}/backends/test_ddp.py",),
     ),
     Mutant(
-        "the log interval's token count never reset",
+        "the log interval's sums never reset",
         "trainer/loop.py",
-        "self.tokens = self.steps = 0",
-        "self.steps = 0",
+        "        self.sums.zero_()\n",
+        "",
         (f"{TRAIN}::test_a_record_of_several_steps_holds_their_token_weighted_mean",),
     ),
     Mutant(
         "the loss not reduced over ranks",
         "trainer/loop.py",
-        "loss_sum, tokens, data_wait, *memory = distributed.all_reduce_sum(packed, info).tolist()",
-        "loss_sum, tokens, data_wait, *memory = packed.tolist()",
+        "loss_sum, tokens, steps, data_wait, *memory = distributed.all_reduce_sum(packed, info).tolist()",
+        "loss_sum, tokens, steps, data_wait, *memory = packed.tolist()",
         (f"{UNIT}/test_distributed.py",),
     ),
     Mutant(
         "tokens counted on one rank only",
         "trainer/loop.py",
-        "state.tokens + tokens * self.info.world_size",
-        "state.tokens + tokens",
+        "tokens = t.grad_accum_steps * t.micro_batch_size * t.seq_len * self.info.world_size",
+        "tokens = t.grad_accum_steps * t.micro_batch_size * t.seq_len",
         (f"{TRAIN}::test_two_ranks_write_twenty_records_on_the_transformers_cosine",),
     ),
     Mutant(
         "a skipped update advances the global step",
         "trainer/loop.py",
-        "                self.skip_or_halt(state, step, grad_norm, consecutive_skips)\n                continue\n",
-        "                self.skip_or_halt(state, step, grad_norm, consecutive_skips)\n"
-        "                state.global_step = step\n                continue\n",
+        "        self.step += applied.long()",
+        "        self.step += 1",
+        (f"{UNIT}/test_loop.py",),
+    ),
+    Mutant(
+        "a non-finite update applied by the fused optimizer (found_inf not set)",
+        "trainer/backends/ddp.py",
+        "            self.optimizer.found_inf = (~applied).float()  # type: ignore[attr-defined]\n",
+        "",
+        (f"{UNIT}/backends/test_ddp.py",),
+    ),
+    Mutant(
+        "the halt latch not set: updates after a non-finite one apply until the host looks",
+        "trainer/loop.py",
+        "            self.held |= ~torch.isfinite(grad_norm)",
+        "            pass",
+        (f"{UNIT}/test_loop.py",),
+    ),
+    Mutant(
+        "a checkpoint records the sampler past the prefetched micro-batch",
+        "trainer/loop.py",
+        "        return dict(self.before_ready) if self.ready is not None else self.sampler.state_dict()",
+        "        return self.sampler.state_dict()",
         (f"{UNIT}/test_loop.py",),
     ),
     Mutant(

@@ -321,7 +321,8 @@ class OptimConfig:
     no_decay: list[str] = setting(factory=lambda: ["*.bias", "*norm*", "*ln_*"], on_resume=OnResume.refused)
     """Parameter-name glob patterns excluded from weight decay (biases and norm weights)."""
     fused: bool | None = setting(None, on_resume=OnResume.changes_math)
-    """Fused AdamW kernel; default: on for CUDA."""
+    """Fused AdamW kernel; default: on (CPU and CUDA). It drops a non-finite update on the device, so the
+    step never waits for the host; false uses torch's foreach kernel and reads the norm every step."""
 
     def check(self) -> None:
         """Raises ConfigError: an unknown optimizer or a number out of range, naming the key."""

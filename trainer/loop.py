@@ -27,6 +27,7 @@ from trainer import checkpoint, distributed, resume
 from trainer.backends import Backend, to_device
 from trainer.config import Config, OnNan
 from trainer.data import Data
+from trainer.data.sampler import WindowSampler
 from trainer.distributed import DistInfo
 from trainer.errors import TrainingHalted
 from trainer.models import causal_lm_loss, count_parameters
@@ -71,30 +72,35 @@ class IntervalMeter:
     """A log interval's metrics, accumulated on the device; one all-reduce per interval reads them."""
 
     device: torch.device
-    loss_sum: torch.Tensor = field(init=False)
-    tokens: int = 0
-    steps: int = 0
+    sums: torch.Tensor = field(init=False)
+    """On the device, float64: [summed token loss, tokens, applied steps] of this rank in the interval."""
     data_wait: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.sums = torch.zeros(3, device=self.device, dtype=torch.float64)
+
+    def add(self, loss_sum: torch.Tensor, tokens: int, applied: torch.Tensor) -> None:
+        """Count one attempt's micro-batches if its update was applied (a device-side mask, no sync)."""
+        self.sums += (
+            torch.stack([loss_sum, loss_sum.new_tensor(float(tokens)), loss_sum.new_tensor(1.0)]) * applied
+        )
 
     def reset(self) -> None:
         """Start the next interval."""
-        self.loss_sum.zero_()
-        self.tokens = self.steps = 0
+        self.sums.zero_()
         self.data_wait = 0.0
         self.started = time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
         """The open interval, so a resumed run logs the same loss as one never interrupted."""
-        return {"loss_sum": self.loss_sum.cpu(), "tokens": self.tokens, "steps": self.steps}
+        loss_sum, tokens, steps = self.sums.cpu().unbind()
+        return {"loss_sum": loss_sum, "tokens": int(tokens), "steps": int(steps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self.loss_sum.copy_(state["loss_sum"])
-        self.tokens, self.steps = int(state["tokens"]), int(state["steps"])
+        restored = [float(state["loss_sum"]), float(state["tokens"]), float(state["steps"])]
+        self.sums.copy_(torch.tensor(restored, dtype=torch.float64))
 
     def reduce(self, info: DistInfo) -> dict[str, float]:
         """The interval's token-weighted loss and rates, summed over ranks (memory: the max over ranks)."""
@@ -102,18 +108,88 @@ class IntervalMeter:
         # and the max needs no second collective.
         memory = [0.0] * info.world_size
         memory[info.rank] = memory_gb(self.device)
-        extra = torch.tensor([float(self.tokens), self.data_wait, *memory], dtype=torch.float64)
-        packed = torch.cat([self.loss_sum.view(1), extra.to(self.device)])
+        extra = torch.tensor([self.data_wait, *memory], dtype=torch.float64)
+        packed = torch.cat([self.sums, extra.to(self.device)])
         # note: this is the interval's only host-device sync point
-        loss_sum, tokens, data_wait, *memory = distributed.all_reduce_sum(packed, info).tolist()
-        elapsed = time.perf_counter() - self.started
+        loss_sum, tokens, steps, data_wait, *memory = distributed.all_reduce_sum(packed, info).tolist()
+        elapsed, steps = time.perf_counter() - self.started, steps / info.world_size
         return {
             "loss": loss_sum / tokens,
             "tokens_per_s": tokens / elapsed,
-            "step_time": elapsed / self.steps,
-            "data_wait_s": data_wait / info.world_size / self.steps,
+            "step_time": elapsed / steps,
+            "data_wait_s": data_wait / info.world_size / steps,
             "memory_gb": max(memory),
         }
+
+
+class Ledger:
+    """Each attempt's outcome, kept on the device until the host reads it at a sync point.
+
+    An attempt is one pass of the step's work; it becomes global step ``step + 1`` when its update is
+    applied, and is dropped (skipped, or held after a halt) otherwise. The global step, the count of
+    non-finite attempts in a row and the halt latch live on the device, so the LR of the next attempt
+    is looked up on the device too and no attempt waits for the host to learn how the last one ended.
+    """
+
+    def __init__(self, step: int, device: torch.device, halt_on_nan: bool) -> None:
+        self.step = torch.tensor(step, device=device, dtype=torch.int64)
+        """The global step: optimizer steps applied."""
+        self.in_a_row = torch.zeros((), device=device, dtype=torch.int64)
+        self.held = torch.zeros((), device=device, dtype=torch.bool)
+        """Latched by a non-finite norm under train.on_nan=halt: no later update applies."""
+        self.halt_on_nan = halt_on_nan
+        self.rows: list[torch.Tensor] = []
+
+    def record(self, grad_norm: torch.Tensor, applied: torch.Tensor) -> None:
+        """Note an attempt's outcome (all on the device)."""
+        tried = self.step + 1
+        self.step += applied.long()
+        self.in_a_row = torch.where(applied, 0, self.in_a_row + 1)
+        if self.halt_on_nan:
+            self.held |= ~torch.isfinite(grad_norm)
+        row = [applied.double(), tried.double(), self.in_a_row.double(), grad_norm.double()]
+        self.rows.append(torch.stack(row))
+
+    def read(self) -> list[tuple[bool, int, int, float]]:
+        """Every attempt since the last read: (applied, the step it tried, non-finite in a row, norm).
+
+        note: a host-device sync; the loop calls it only at its sync points.
+        """
+        rows = torch.stack(self.rows).tolist() if self.rows else []
+        self.rows.clear()
+        return [(bool(a), int(step), int(in_a_row), norm) for a, step, in_a_row, norm in rows]
+
+
+class Batches:
+    """The training micro-batches, each fetched (and copied to the device) while the one before computes.
+
+    nanoGPT's prefetch: the next batch is read and its host-to-device copy started (from pinned memory,
+    without blocking, on a GPU) right after a micro-batch's forward pass is queued. The sampler is then
+    one micro-batch ahead, so :meth:`state_dict` gives its state before the fetched batch: a checkpoint
+    resumes with that batch, not after it.
+    """
+
+    def __init__(self, sampler: WindowSampler, device: torch.device) -> None:
+        self.sampler, self.device = sampler, device
+        self.ready: torch.Tensor | None = None
+        self.before_ready: dict[str, int] = sampler.state_dict()
+
+    def prefetch(self) -> None:
+        """Fetch the next micro-batch now, if not already fetched."""
+        if self.ready is None:
+            self.before_ready = self.sampler.state_dict()
+            self.ready = to_device(self.sampler.next_batch(), self.device)
+
+    def next(self) -> torch.Tensor:
+        """The next micro-batch, on the device: int64 of shape (micro_batch_size, seq_len + 1)."""
+        self.prefetch()
+        batch, self.ready = self.ready, None
+        assert batch is not None
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The sampler's position as of the micro-batches handed out (a prefetched one not counted)."""
+        return dict(self.before_ready) if self.ready is not None else self.sampler.state_dict()
 
 
 @dataclass
@@ -133,10 +209,17 @@ class Trainer:
     peak_flops: float | None = field(init=False)
     """Peak FLOP/s of one device; None leaves MFU out of the records (a CPU without logger.peak_flops)."""
 
+    batches: Batches = field(init=False)
+    lr_table: torch.Tensor = field(init=False)
+    """On the device: the schedule's LR of global step k at index k (index 0 is unused)."""
+
     def __post_init__(self) -> None:
         self.meter = IntervalMeter(self.info.device)
         self.flops_per_token = flops_per_token(self.backend.module, self.cfg.train.seq_len)
         self.peak_flops = peak_flops(self.info.device, self.cfg.logger.peak_flops)
+        self.batches = Batches(self.data.train, self.info.device)
+        lrs = [self.schedule.lr(max(step, 1)) for step in range(self.schedule.max_steps + 1)]
+        self.lr_table = torch.tensor(lrs, dtype=torch.float64, device=self.info.device)
 
     def announce(self) -> None:
         """One start-up line: what trains, on how many ranks, how many tokens a step, into where."""
@@ -164,8 +247,13 @@ class Trainer:
         resume.restore(start, self.info, self.backend, self.data.train, self.meter, self.cfg.optim)
         return TrainState.from_checkpoint(start.meta)
 
-    def set_lr(self, lr: float) -> None:
-        """Write the LR of the step about to be taken into every parameter group, before it is taken."""
+    def set_lr(self, ledger: Ledger) -> None:
+        """Write the LR of the step about to be taken into every parameter group, before it is taken:
+        looked up on the device from the device's global step (a float, read back, for a backend that
+        needs one)."""
+        lr: float | torch.Tensor = self.lr_table[torch.clamp(ledger.step + 1, max=self.schedule.max_steps)]
+        if not self.backend.on_device:
+            lr = float(lr)
         for group in self.backend.param_groups:
             group["lr"] = lr
 
@@ -182,12 +270,14 @@ class Trainer:
         tokens = 0
         for micro in range(t.grad_accum_steps):
             waited = time.perf_counter()
-            host_batch = self.data.train.next_batch()
+            batch = self.batches.next()
             self.meter.data_wait += time.perf_counter() - waited
-            batch = to_device(host_batch, self.info.device)
             with backend.accumulate(last=micro == t.grad_accum_steps - 1):
                 with backend.autocast():
-                    loss = causal_lm_loss(backend.model, batch)
+                    loss = causal_lm_loss(backend.model, batch)  # queued on the device
+                waited = time.perf_counter()
+                self.batches.prefetch()  # the next micro-batch, while the device computes this one
+                self.meter.data_wait += time.perf_counter() - waited
                 backend.backward(loss * scale)
             loss_sum += loss.detach().double()
             tokens += batch[:, 1:].numel()
@@ -217,7 +307,7 @@ class Trainer:
         meta = {
             "tokens": state.tokens,
             "skipped_steps": state.skipped_steps,
-            "sampler": self.data.train.state_dict(),
+            "sampler": self.batches.state_dict(),
             "backend": self.cfg.backend.name,
             "tokenizer_vocab": self.data.vocab_size,
             "eos_id": self.data.eos_id,
@@ -228,29 +318,49 @@ class Trainer:
         rank_state = {"meter": self.meter.state_dict()}
         return checkpoint.save(root, state.global_step, self.info, self.backend, meta, rank_state, keep)
 
-    def skip_or_halt(self, state: TrainState, step: int, grad_norm: torch.Tensor, consecutive: int) -> None:
-        """A non-finite gradient norm at ``step``: count a skipped update, or stop (``train.on_nan``).
+    def settle(self, state: TrainState, ledger: Ledger) -> None:
+        """Read the attempts since the last sync into ``state``: the step and tokens of each applied one,
+        a warning for each skipped one, a halt where the policy says so.
 
         Raises:
-            TrainingHalted: with ``train.on_nan=halt``, or after too many skips in a row.
+            TrainingHalted: a non-finite norm with ``train.on_nan=halt``, or too many skips in a row.
         """
-        message = f"non-finite gradient norm ({float(grad_norm)}) at step {step}"
-        if self.cfg.train.on_nan == OnNan.halt:
-            raise TrainingHalted(
-                f"{message}; stopped before the optimizer step, weights untouched. Resume from the last "
-                "checkpoint with a lower optim.lr, or set train.on_nan=skip to drop such updates"
-            )
-        if consecutive >= MAX_CONSECUTIVE_SKIPS:
-            raise TrainingHalted(
-                f"{message}: {consecutive} non-finite steps in a row; the run is not recovering"
-            )
-        state.skipped_steps += 1
-        job_log.warning("%s: update skipped (%d so far)", message, state.skipped_steps)
+        t = self.cfg.train
+        tokens = t.grad_accum_steps * t.micro_batch_size * t.seq_len * self.info.world_size
+        for applied, step, in_a_row, norm in ledger.read():
+            if applied:
+                state.global_step, state.tokens = step, state.tokens + tokens
+                continue
+            message = f"non-finite gradient norm ({norm}) at step {step}"
+            if t.on_nan == OnNan.halt:
+                raise TrainingHalted(
+                    f"{message}; stopped before the optimizer step, weights untouched. Resume from the last "
+                    "checkpoint with a lower optim.lr, or set train.on_nan=skip to drop such updates"
+                )
+            if in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                raise TrainingHalted(
+                    f"{message}: {in_a_row} non-finite steps in a row; the run is not recovering"
+                )
+            state.skipped_steps += 1
+            job_log.warning("%s: update skipped (%d so far)", message, state.skipped_steps)
 
-    def log_step(self, recorder: Recorder, state: TrainState, lr: float, grad_norm: torch.Tensor) -> None:
+    def due(self, attempted: int) -> bool:
+        """Whether global step ``attempted`` (if every attempt since the last sync applied) is one where
+        something happens (a log record, an evaluation, a checkpoint, the end): the loop syncs there."""
+        t = self.cfg.train
+        return (
+            attempted in (1, t.max_steps)
+            or attempted % t.log_every == 0
+            or (t.eval_every > 0 and attempted % t.eval_every == 0)
+            or (t.ckpt_every > 0 and attempted % t.ckpt_every == 0)
+        )
+
+    def log_step(self, recorder: Recorder, state: TrainState, grad_norm: torch.Tensor) -> None:
         """Reduce the open log interval over ranks and record it (collective: every rank calls it)."""
-        record: dict[str, Any] = {"step": state.global_step, "lr": lr, **self.meter.reduce(self.info)}
-        record.update(grad_norm=float(grad_norm), tokens=state.tokens, epoch=self.data.train.state.epoch)
+        step = state.global_step
+        record: dict[str, Any] = {"step": step, "lr": self.schedule.lr(step), **self.meter.reduce(self.info)}
+        epoch = self.batches.state_dict()["epoch"]
+        record.update(grad_norm=float(grad_norm), tokens=state.tokens, epoch=epoch)
         # Each group's LR as the optimizer read it when it stepped: what trained, not what was meant to.
         record.update({f"lr/{name}": group_lr for name, group_lr in self.backend.applied_lrs.items()})
         record["skipped_steps"] = state.skipped_steps
@@ -261,45 +371,58 @@ class Trainer:
         recorder.log(record)
         self.meter.reset()
 
+    def record_step(self, state: TrainState, grad_norm: torch.Tensor, recorder: Recorder) -> None:
+        """What global step ``state.global_step`` logs and evaluates, by ``train.log_every`` and ``eval_every``."""
+        t, step = self.cfg.train, state.global_step
+        if step == 1 or step % t.log_every == 0 or step == t.max_steps:
+            self.log_step(recorder, state, grad_norm)
+        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+            recorder.log({"step": step, **self.evaluate()})
+            self.meter.started = time.perf_counter()  # evaluation time is not training throughput
+
     def fit(self, state: TrainState, stop: StopSignal, recorder: Recorder) -> Outcome:
         """Train from ``state`` to ``train.max_steps``, or until a preemption signal (then checkpoint);
         every record goes to ``recorder``.
 
+        The host reads the device only where something happens (:meth:`due`), and after every step with
+        a backend that cannot keep the step on the device: in between, no step waits on the device.
+
         Raises:
             TrainingHalted: a non-finite update that ``train.on_nan`` does not let the run skip.
         """
-        t, meter = self.cfg.train, self.meter
+        t = self.cfg.train
         # Profiling note: set-up leaves hundreds of thousands of long-lived objects (Hydra, transformers)
         # that every full collection would rescan while autograd churns through temporaries. Frozen,
         # they are skipped: ramp went from about 0.94x to 0.97x the bare loop's tokens/s on CPU.
         gc.collect()
         gc.freeze()
-        consecutive_skips = 0
+        ledger = Ledger(state.global_step, self.info.device, halt_on_nan=t.on_nan == OnNan.halt)
+        attempted = state.global_step  # the global step if every attempt since the last sync applied
         while state.global_step < t.max_steps:
-            step = state.global_step + 1
-            lr = self.schedule.lr(step)
-            self.set_lr(lr)  # before the step it belongs to: step k trains at the schedule's f(k)
+            self.set_lr(ledger)  # before the step it belongs to: step k trains at the schedule's f(k)
             loss_sum, tokens = self.train_step()
-            grad_norm, applied = self.backend.step()
-            if not applied:
-                consecutive_skips += 1
-                self.skip_or_halt(state, step, grad_norm, consecutive_skips)
+            grad_norm, applied = self.backend.step(hold=ledger.held)
+            ledger.record(grad_norm, applied)
+            self.meter.add(loss_sum, tokens, applied)
+            attempted += 1
+            recorder.step(attempted)
+            stopping = stop.agreed()
+            if not (stopping or self.due(attempted) or not self.backend.on_device):
                 continue
-            consecutive_skips = 0
-            state.global_step, state.tokens = step, state.tokens + tokens * self.info.world_size
-            meter.loss_sum += loss_sum
-            meter.tokens += tokens
-            meter.steps += 1
-            recorder.step(step)
-            if step == 1 or step % t.log_every == 0 or step == t.max_steps:
-                self.log_step(recorder, state, lr, grad_norm)
-            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                recorder.log({"step": step, **self.evaluate()})
-                meter.started = time.perf_counter()  # evaluation time is not training throughput
-            if stop.agreed():
+            self.settle(state, ledger)
+            caught_up = state.global_step == attempted  # else a dropped update moved the cadence
+            if caught_up:
+                self.record_step(state, grad_norm, recorder)
+            if stopping:
                 path = self.save(state)
-                log.info("ramp | preempted by %s: saved %s at step %d; exiting", stop.describe(), path, step)
+                log.info(
+                    "ramp | preempted by %s: saved %s at step %d; exiting",
+                    stop.describe(),
+                    path,
+                    state.global_step,
+                )
                 return Outcome.preempted
-            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
+            attempted = state.global_step
+            if caught_up and ((t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == t.max_steps):
                 self.save(state)
         return Outcome.finished

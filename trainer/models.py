@@ -128,8 +128,12 @@ def apply_hyperparameters(groups: list[dict[str, Any]], cfg: OptimConfig) -> Non
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch's AdamW over :func:`param_groups`; fused on CUDA unless ``optim.fused`` says otherwise."""
-    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    """torch's AdamW over :func:`param_groups`; its fused kernel (CPU and CUDA) unless ``optim.fused=false``.
+
+    The fused kernel can drop an update on the device (``found_inf``), which keeps the non-finite guard
+    free of a host-device sync.
+    """
+    fused = cfg.fused if cfg.fused is not None else device.type in ("cpu", "cuda")
     return torch.optim.AdamW(
         param_groups(model, cfg),
         lr=cfg.lr,

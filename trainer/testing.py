@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import queue
 import socket
 import time
@@ -44,7 +45,9 @@ def _rank_main(
     ok = False
     try:
         info = distributed.setup(threads=1)
-        results.put((rank, True, fn(info, *args)))
+        # Pickled here, by value: torch would share a tensor's storage through a file descriptor that
+        # dies with this process, before the parent reads it.
+        results.put((rank, True, pickle.dumps(fn(info, *args))))
         ok = True
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
@@ -75,7 +78,7 @@ def _collect(results: Any, processes: list[Any], world_size: int, timeout: float
             continue
         if not ok:
             raise RuntimeError(f"run_distributed: rank {rank} failed:\n{value}")
-        collected[rank] = value
+        collected[rank] = pickle.loads(value)
     return collected
 
 

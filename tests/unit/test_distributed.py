@@ -19,9 +19,10 @@ def _reduce_an_interval(info: DistInfo) -> dict[str, float]:
     256 MiB more memory than rank 0."""
     held = torch.ones(info.rank * 256 * 2**20 // 4)  # touched: resident
     meter = IntervalMeter(info.device)
-    meter.loss_sum += (info.rank + 1) * 250.0
-    meter.tokens = (info.rank + 1) * 100
-    meter.steps = 2
+    for _ in range(2):  # two applied steps and one dropped one
+        loss = torch.tensor((info.rank + 1) * 125.0, dtype=torch.float64)
+        meter.add(loss, (info.rank + 1) * 50, torch.tensor(True))
+    meter.add(torch.tensor(1e9, dtype=torch.float64), 10**6, torch.tensor(False))
     meter.data_wait = 0.5 * (info.rank + 1)
     own = memory_gb(info.device)
     reduced = meter.reduce(info)

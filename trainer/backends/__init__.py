@@ -12,7 +12,7 @@ step, and its state in a checkpoint. The loop drives every backend the same way:
             with backend.autocast():
                 loss = causal_lm_loss(backend.model, batch)     # forward and loss
             backend.backward(loss * scale)                      # the step's token mean
-    grad_norm, applied = backend.step()                    # clip, step if finite, zero the gradients
+    grad_norm, applied = backend.step(hold)                # clip, step if finite, zero the gradients
 
 No backend holds an LR scheduler: exactly one owner (the loop) advances the schedule, whatever an
 engine would otherwise do.
@@ -46,6 +46,10 @@ class Backend(ABC):
     """The bare model (not wrapped): evaluation, saving and export use it."""
     model: nn.Module
     """What the training forward pass calls (the DDP wrapper, the compiled model, the engine)."""
+    on_device: bool = False
+    """Whether the step needs nothing from the host: the LR may be a device tensor and a non-finite
+    update is dropped on the device (``step`` then never reads the norm back). The loop then reads the
+    step's outcome only at its sync points; otherwise it reads it after every step."""
 
     @property
     @abstractmethod
@@ -65,11 +69,17 @@ class Backend(ABC):
         """Backpropagate ``loss`` (already scaled to the step's token mean)."""
 
     @abstractmethod
-    def step(self) -> tuple[torch.Tensor, bool]:
-        """Clip and take the optimizer step, then zero the gradients.
+    def step(self, hold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip and take the optimizer step unless the norm is not finite or ``hold`` is set, then zero
+        the gradients.
 
-        Returns the pre-clip global gradient norm and whether the update was applied: a non-finite
-        norm leaves the weights and optimizer state untouched (the loop then halts or skips).
+        Args:
+            hold: a bool tensor on the device; True drops the update whatever the norm (a halted run).
+                None: never held.
+
+        Returns:
+            The pre-clip global gradient norm and whether the update was applied, both tensors on the
+            device. A dropped update leaves the weights and the optimizer state untouched.
         """
 
     @property
@@ -99,12 +109,17 @@ class AppliedLRs:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.lrs: dict[str, float] = {}
+        self.lrs: dict[str, Any] = {}
         optimizer.register_step_pre_hook(self._record)
 
     def _record(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Merged, not replaced: ZeRO 1 and 2 step their torch optimizer once per group, showing it one.
-        self.lrs.update({str(g["name"]): float(g["lr"]) for g in optimizer.param_groups})
+        # Kept as given (a device tensor stays one: reading it here would wait for the device).
+        self.lrs.update({str(g["name"]): g["lr"] for g in optimizer.param_groups})
+
+    def read(self) -> dict[str, float]:
+        """The recorded LRs as numbers (a sync point when they are device tensors)."""
+        return {name: float(lr) for name, lr in self.lrs.items()}
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -33,6 +33,9 @@ class DDPBackend(Backend):
         self.module = model.to(info.device)
         self.optimizer = build_optimizer(self.module, cfg.optim, info.device)
         self.probe = AppliedLRs(self.optimizer)
+        # Fused AdamW drops an update on the device when told ``found_inf`` (as under GradScaler):
+        # weights, moments and its step count stay as they were, and the host never waits on the norm.
+        self.on_device = bool(self.optimizer.defaults.get("fused"))
         self.max_grad_norm = cfg.train.max_grad_norm
         self.dtype = torch.bfloat16 if cfg.train.precision == Precision.bf16 else None
         network: nn.Module = torch.compile(self.module) if cfg.train.compile else self.module  # type: ignore[assignment]
@@ -56,7 +59,7 @@ class DDPBackend(Backend):
     @property
     def applied_lrs(self) -> dict[str, float]:
         """Read by the pre-step hook on the AdamW optimizer."""
-        return self.probe.lrs
+        return self.probe.read()
 
     def accumulate(self, last: bool) -> AbstractContextManager[Any]:
         """DDP's ``no_sync`` on every micro-batch but the step's last, which all-reduces the gradients."""
@@ -74,20 +77,22 @@ class DDPBackend(Backend):
         """``loss.backward()``: DDP averages over ranks, micro-batches of one step add up."""
         loss.backward()
 
-    def step(self) -> tuple[torch.Tensor, bool]:
-        """Clip (``train.max_grad_norm``), step AdamW if the norm is finite, zero the gradients."""
+    def step(self, hold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip (``train.max_grad_norm``), step AdamW unless the norm is not finite or ``hold`` is set,
+        zero the gradients. The norm is of the all-reduced gradients: every rank decides alike."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-        # note: a host-device sync, the price of never applying a non-finite update. The norm is of
-        # the all-reduced gradients, so every rank reaches the same answer without talking.
-        finite = bool(torch.isfinite(norm))
-        if finite:
+        applied = torch.isfinite(norm) if hold is None else torch.isfinite(norm) & ~hold
+        if self.on_device:
+            self.optimizer.found_inf = (~applied).float()  # type: ignore[attr-defined]
+            self.optimizer.step()
+        elif bool(applied):  # note: a host-device sync, for an optimizer that cannot drop an update itself
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach(), finite
+        return norm.detach(), applied
 
     def save(self, folder: Path, info: DistInfo) -> None:
         """``model.pt`` and ``optimizer.pt``, from global rank 0: DDP keeps identical replicas."""

@@ -212,7 +212,7 @@ class DeepSpeedBackend(Backend):
     @property
     def applied_lrs(self) -> dict[str, float]:
         """Read by the pre-step hook on the torch optimizer inside the engine."""
-        return self.probe.lrs
+        return self.probe.read()
 
     def accumulate(self, last: bool) -> AbstractContextManager[Any]:
         """Tell the engine whether this micro-batch ends the step: it reduces gradients only then."""
@@ -223,21 +223,25 @@ class DeepSpeedBackend(Backend):
         """``engine.backward`` without DeepSpeed's own division by the accumulation count."""
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> tuple[torch.Tensor, bool]:
-        """``engine.step()`` (clip, step), unless the norm of the reduced gradients is not finite."""
+    def step(self, hold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``engine.step()`` (clip, step), unless the norm of the reduced gradients is not finite or
+        ``hold`` is set. The engine decides on the host: this reads the outcome back every step."""
+        if hold is not None and bool(hold):
+            self.engine.zero_grad()
+            return torch.tensor(float("nan")), torch.tensor(False)
         if not self.engine_checks_norm:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             # The gradients are all-reduced by now: every rank reaches the same answer without talking.
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             if not bool(torch.isfinite(norm)):
                 self.engine.zero_grad()
-                return norm.detach(), False
+                return norm.detach(), torch.tensor(False)
             self.engine.step()  # DeepSpeed clips (train.max_grad_norm) and steps
-            return norm.detach(), True
+            return norm.detach(), torch.tensor(True)
         self.engine.step()
         reported = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(float(reported) if reported is not None else float("nan"))
-        return norm, bool(self.engine.was_step_applied())
+        return norm, torch.tensor(bool(self.engine.was_step_applied()))
 
     def save(self, folder: Path, info: DistInfo) -> None:
         """The engine's files under ``deepspeed/``; every rank writes its shards."""

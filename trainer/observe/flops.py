@@ -12,6 +12,14 @@ MFU follows the PaLM paper's convention (Chowdhery et al. 2022, appendix B): a d
 
 Activation recomputation, padding and the optimizer are not counted: MFU measures useful model
 work against the hardware's peak, so two runs of the same model compare whatever their settings.
+
+The attention term takes no causal discount: ``12 L H Q T`` counts the full ``T x T`` score and value
+products, although a causal mask (and a fused kernel such as FlashAttention) skips about half of them.
+This is PaLM's appendix B and nanoGPT's ``estimate_mfu``; a tool that halves the term for causal
+attention (``6 L H Q T``) reports a lower MFU for the same run, most visibly at long sequences.
+
+The peak is the device's dense (no 2:4 sparsity) bf16 tensor-core rate from its vendor's data sheet
+(:data:`PEAK_BF16_FLOPS`), whatever ``train.precision`` is: an fp32 run's MFU is against the bf16 peak.
 """
 
 from __future__ import annotations
@@ -22,14 +30,27 @@ import torch
 from torch import nn
 
 PEAK_BF16_FLOPS: dict[str, float] = {
-    # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, per GPU. Matched against
-    # torch.cuda.get_device_name() in this order, so the specific names come before "H100".
+    # Dense (no sparsity) bf16 tensor-core peaks per GPU from the vendors' data sheets (their headline
+    # figures are often with 2:4 sparsity, twice these). Matched as substrings of
+    # torch.cuda.get_device_name() in this order, so the specific names come first ("H100 NVL" before
+    # "H100"). Sources:
+    # - H100, H200: nvidia.com/en-us/data-center/h100/ and /h200/ (989.4 TFLOPS SXM, 835 NVL, 756 PCIe).
+    # - A100: nvidia.com/en-us/data-center/a100/ (312 TFLOPS).
+    # - B200: NVIDIA Blackwell data sheet (nvdam.widen.net/s/wwnsxrhm2w/blackwell-datasheet-3384703),
+    #   HGX B200: 4.5 PFLOPS FP16/BF16 with sparsity per GPU, so 2.25 PFLOPS dense. A GB200 matches
+    #   "B200" too, though its own sheet says 2.5 PFLOPS dense: set logger.peak_flops there.
+    # - MI300X: amd.com/en/products/accelerators/instinct/mi300/mi300x.html, peak BF16 1307.4 TFLOPS
+    #   dense (2614.9 with sparsity); ROCm builds of torch report it through torch.cuda as well.
+    # - L40S: NVIDIA L40S data sheet, BF16 Tensor Core 362.05 TFLOPS dense (733 with sparsity).
     "H200 NVL": 835e12,
     "H200": 989e12,
     "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
     "H100": 989e12,
     "A100": 312e12,
+    "B200": 2.25e15,
+    "MI300X": 1307.4e12,
+    "L40S": 362.05e12,
 }
 
 

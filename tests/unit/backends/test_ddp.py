@@ -88,7 +88,7 @@ def _one_loop_step_with_three_micro_batches(info: DistInfo, cache: str, run_dir:
     _, applied = backend.step()
     return {
         "after": after,
-        "applied": applied,
+        "applied": bool(applied),
         "params_equal": _same_on_all_ranks(torch.cat([p.flatten() for p in params(backend)])),
     }
 

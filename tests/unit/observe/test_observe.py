@@ -97,10 +97,19 @@ def test_untied_llama_counts_the_head_but_not_the_lookup_table() -> None:
 
 
 def test_peak_flops_table_and_override() -> None:
+    # Every key is found by its own name: no earlier, shorter key shadows it.
+    for key, peak in flops.PEAK_BF16_FLOPS.items():
+        assert flops.peak_for_device_name(f"NVIDIA {key}") == peak, key
     assert flops.peak_for_device_name("NVIDIA A100-SXM4-80GB") == 312e12
     assert flops.peak_for_device_name("NVIDIA H100 80GB HBM3") == 989e12
     assert flops.peak_for_device_name("NVIDIA H100 PCIe") == 756e12
     assert flops.peak_for_device_name("NVIDIA H200") == 989e12
+    assert flops.peak_for_device_name("NVIDIA H200 NVL") == 835e12
+    assert flops.peak_for_device_name("NVIDIA H100 NVL") == 835e12
+    assert flops.peak_for_device_name("NVIDIA B200") == 2.25e15
+    assert flops.peak_for_device_name("AMD Instinct MI300X") == 1307.4e12
+    assert flops.peak_for_device_name("NVIDIA L40S") == 362.05e12
+    assert flops.peak_for_device_name("NVIDIA L40") is None  # the L40 is not the L40S
     assert flops.peak_for_device_name("Tesla V100-SXM2-16GB") is None
     assert flops.peak_flops(torch.device("cpu"), None) is None  # no MFU on a CPU unless told its peak
     assert flops.peak_flops(torch.device("cpu"), 2.5e12) == 2.5e12

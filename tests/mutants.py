@@ -128,8 +128,8 @@ MUTANTS = [
     Mutant(
         "one step past train.max_steps",
         "trainer/loop.py",
-        "while state.global_step < t.max_steps:",
-        "while state.global_step <= t.max_steps:",
+        "while state.global_step < self.schedule.max_steps:",
+        "while state.global_step <= self.schedule.max_steps:",
         (f"{UNIT}/test_loop.py",),
     ),
     Mutant(
@@ -145,6 +145,20 @@ MUTANTS = [
         "warmup = math.ceil(cfg.warmup_ratio * max_steps)",
         "warmup = int(cfg.warmup_ratio * max_steps)",
         (f"{UNIT}/test_schedules.py",),
+    ),
+    Mutant(
+        "an epoch's final partial accumulation window not counted",
+        "trainer/schedules.py",
+        "    return max(math.ceil(per_rank / grad_accum_steps), 1)",
+        "    return max(per_rank // grad_accum_steps, 1)",
+        (f"{UNIT}/test_durations.py",),
+    ),
+    Mutant(
+        "a length in tokens counted in micro-batches, not optimizer steps",
+        "trainer/schedules.py",
+        "        return self.global_batch * self.seq_len",
+        "        return self.micro_batch_size * self.world_size * self.seq_len",
+        (f"{UNIT}/test_durations.py",),
     ),
     Mutant(
         "the open log interval not restored on resume",

@@ -14,6 +14,7 @@ schedule, ``backend=deepspeed``) loads Hydra, OmegaConf, these schemas and the s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import typing
@@ -24,11 +25,23 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import ConfigError
-from trainer.schedules import SCHEDULES, Schedule, ScheduleConfig, build_schedule
+from trainer.schedules import (
+    SCHEDULES,
+    Batching,
+    NeedsData,
+    Schedule,
+    ScheduleConfig,
+    build_schedule,
+    parse_count,
+)
 from trainer.schema import MISSING, OnResume, on_resume, setting
 
 if typing.TYPE_CHECKING:
     from omegaconf import DictConfig
+
+
+DEFAULT_STEPS = 300
+"""The run's length when none is given."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -95,8 +108,16 @@ class RunConfig:
 class TrainConfig:
     """The run's length, batch, cadences and numerics."""
 
-    max_steps: int = setting(300, on_resume=OnResume.changes_math)
-    """Total optimizer steps. The global step runs 1..max_steps."""
+    max_steps: int | None = setting(None, on_resume=OnResume.changes_math)
+    """The run's length in optimizer steps (the global step runs 1..max_steps); wins over train.epochs.
+    With no length given at all, 300 steps."""
+    max_tokens: Any = setting(None, on_resume=OnResume.changes_math)
+    """The run's length in tokens (2e9, 2B, 500M): the steps that train on that many, rounded up."""
+    max_samples: Any = setting(None, on_resume=OnResume.changes_math)
+    """The run's length in samples (sequences), rounded up to whole steps."""
+    epochs: float | None = setting(None, on_resume=OnResume.changes_math)
+    """The run's length in epochs (passes over the training samples), counted in steps as the Hugging Face
+    Trainer counts them."""
     micro_batch_size: int = setting(8, on_resume=OnResume.changes_math)
     """Sequences per rank per forward pass."""
     grad_accum_steps: int = setting(1, on_resume=OnResume.changes_math)
@@ -129,11 +150,30 @@ class TrainConfig:
     threads: int | None = setting(None, on_resume=OnResume.applies)
     """Intra-op threads per rank; default: the machine's cores divided by the ranks on this node."""
 
+    def lengths(self) -> dict[str, Any]:
+        """The run lengths given, by key (``train.max_steps``, ``max_tokens``, ``max_samples``, ``epochs``)."""
+        keys = ("max_steps", "max_tokens", "max_samples", "epochs")
+        return {f"train.{key}": getattr(self, key) for key in keys if getattr(self, key) is not None}
+
     def check(self) -> None:
-        """Raises ConfigError: a count below its minimum, naming the key."""
-        _at_least(
-            "train", self, ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_every"), 1
+        """Raises ConfigError: a count below its minimum, or two run lengths (but max_steps with epochs)."""
+        given = self.lengths()
+        _require(
+            len(given) < 2 or set(given) == {"train.max_steps", "train.epochs"},
+            f"{' and '.join(given)} each give the run's length: keep one (train.max_steps may come with train.epochs, "
+            "and wins)",
         )
+        _require(
+            self.max_steps is None or self.max_steps >= 1,
+            f"train.max_steps={self.max_steps} must be at least 1",
+        )
+        _require(self.epochs is None or self.epochs > 0, f"train.epochs={self.epochs} must be > 0")
+        for key in ("max_tokens", "max_samples"):
+            value = getattr(self, key)
+            _require(
+                value is None or parse_count(value, f"train.{key}") > 0, f"train.{key}={value} must be > 0"
+            )
+        _at_least("train", self, ("micro_batch_size", "grad_accum_steps", "seq_len", "log_every"), 1)
         _at_least("train", self, ("keep_checkpoints",), 1)
         _at_least("train", self, ("eval_every", "eval_steps", "ckpt_every"), 0)
         _require(
@@ -560,12 +600,48 @@ class Config:
             f"{self.model.max_position_embeddings}; lower train.seq_len or raise model.max_position_embeddings",
         )
         self.backend.check(self)
-        _ = self.lr_schedule  # the schedule's own checks need train.max_steps and optim.lr
+        with contextlib.suppress(NeedsData):  # a length in epochs is checked once the data is built
+            _ = self.lr_schedule  # the schedule's own checks need the run's length and optim.lr
+
+    def batching(self, world_size: int, samples_per_epoch: int | None = None) -> Batching:
+        """What one step takes on ``world_size`` ranks, and the samples in an epoch once the data is built."""
+        t = self.train
+        return Batching(t.seq_len, t.micro_batch_size, t.grad_accum_steps, world_size, samples_per_epoch)
+
+    def run_steps(self, batching: Batching) -> int:
+        """The run's length in optimizer steps: train.max_steps, else the one length given, else 300.
+
+        Raises:
+            ConfigError: a length that is not a count. NeedsData: epochs before the data is built.
+        """
+        t = self.train
+        if t.max_steps is not None:
+            return t.max_steps
+        units = {"train.max_tokens": "tokens", "train.max_samples": "samples", "train.epochs": "epochs"}
+        for key, value in t.lengths().items():
+            return max(batching.to_steps(parse_count(value, key), units[key], key), 1)
+        return DEFAULT_STEPS
+
+    def schedule_for(self, world_size: int, samples_per_epoch: int | None = None) -> Schedule:
+        """The LR schedule of this run on ``world_size`` ranks, with every length counted in steps.
+
+        Raises:
+            ConfigError: a length or schedule key out of range. NeedsData: epochs before the data is built.
+        """
+        batching = self.batching(world_size, samples_per_epoch)
+        max_steps = self.run_steps(batching)
+        return build_schedule(self.schedule, max_steps=max_steps, peak_lr=self.optim.lr, batching=batching)
 
     @functools.cached_property
     def lr_schedule(self) -> Schedule:
-        """The resolved LR schedule: built (and checked) once, when the config is checked."""
-        return build_schedule(self.schedule, max_steps=self.train.max_steps, peak_lr=self.optim.lr)
+        """The schedule as far as the config alone tells it: the world size from ``WORLD_SIZE`` (the
+        launcher's; 1 without one), no data. The trainer builds it again with the data
+        (:meth:`schedule_for`) when a length is in epochs.
+
+        Raises:
+            ConfigError: as :meth:`schedule_for`; NeedsData when a length is in epochs.
+        """
+        return self.schedule_for(int(os.environ.get("WORLD_SIZE", "1")))
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (enums as their values): what config.yaml and checkpoints record."""

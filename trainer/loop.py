@@ -222,8 +222,21 @@ class Trainer:
         self.lr_table = torch.tensor(lrs, dtype=torch.float64, device=self.info.device)
 
     def announce(self) -> None:
-        """One start-up line: what trains, on how many ranks, how many tokens a step, into where."""
-        t, world = self.cfg.train, self.info.world_size
+        """The start-up lines: what trains, on how many ranks, how many tokens a step, into where; the
+        run's length and warmup in every unit."""
+        t, world, steps = self.cfg.train, self.info.world_size, self.schedule.max_steps
+        per_step = t.micro_batch_size * t.grad_accum_steps * world  # samples
+        per_epoch = self.data.train.num_samples
+
+        def units(count: int) -> str:
+            return (
+                f"{count} steps = {count * per_step * t.seq_len:,} tokens = {count * per_step:,} samples = "
+                f"{count * per_step / per_epoch:.3g} epochs"
+            )
+
+        if t.max_steps is not None and t.epochs is not None:
+            log.info("ramp | train.max_steps=%d wins over train.epochs=%g", t.max_steps, t.epochs)
+        log.info("ramp | length %s | warmup %s", units(steps), units(self.schedule.warmup_steps))
         log.info(
             "ramp | %s: %.2fM parameters | world %d | %d tokens/step (%d x %d x %d ranks x %d accum) | %s -> %s",
             self.cfg.model.name,
@@ -349,7 +362,7 @@ class Trainer:
         something happens (a log record, an evaluation, a checkpoint, the end): the loop syncs there."""
         t = self.cfg.train
         return (
-            attempted in (1, t.max_steps)
+            attempted in (1, self.schedule.max_steps)
             or attempted % t.log_every == 0
             or (t.eval_every > 0 and attempted % t.eval_every == 0)
             or (t.ckpt_every > 0 and attempted % t.ckpt_every == 0)
@@ -359,8 +372,12 @@ class Trainer:
         """Reduce the open log interval over ranks and record it (collective: every rank calls it)."""
         step = state.global_step
         record: dict[str, Any] = {"step": step, "lr": self.schedule.lr(step), **self.meter.reduce(self.info)}
-        epoch = self.batches.state_dict()["epoch"]
-        record.update(grad_norm=float(grad_norm), tokens=state.tokens, epoch=epoch)
+        position, t = self.batches.state_dict(), self.cfg.train
+        global_batch = t.micro_batch_size * t.grad_accum_steps * self.info.world_size
+        # the pass over the data and how far into it, as a fraction of its samples
+        epoch = position["epoch"] + position["position"] / self.data.train.num_samples
+        record.update(grad_norm=float(grad_norm), tokens=state.tokens, samples=step * global_batch)
+        record.update(epoch=epoch, global_batch=global_batch)
         # Each group's LR as the optimizer read it when it stepped: what trained, not what was meant to.
         record.update({f"lr/{name}": group_lr for name, group_lr in self.backend.applied_lrs.items()})
         record["skipped_steps"] = state.skipped_steps
@@ -374,9 +391,9 @@ class Trainer:
     def record_step(self, state: TrainState, grad_norm: torch.Tensor, recorder: Recorder) -> None:
         """What global step ``state.global_step`` logs and evaluates, by ``train.log_every`` and ``eval_every``."""
         t, step = self.cfg.train, state.global_step
-        if step == 1 or step % t.log_every == 0 or step == t.max_steps:
+        if step == 1 or step % t.log_every == 0 or step == self.schedule.max_steps:
             self.log_step(recorder, state, grad_norm)
-        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+        if t.eval_every and (step % t.eval_every == 0 or step == self.schedule.max_steps):
             recorder.log({"step": step, **self.evaluate()})
             self.meter.started = time.perf_counter()  # evaluation time is not training throughput
 
@@ -398,7 +415,7 @@ class Trainer:
         gc.freeze()
         ledger = Ledger(state.global_step, self.info.device, halt_on_nan=t.on_nan == OnNan.halt)
         attempted = state.global_step  # the global step if every attempt since the last sync applied
-        while state.global_step < t.max_steps:
+        while state.global_step < self.schedule.max_steps:
             self.set_lr(ledger)  # before the step it belongs to: step k trains at the schedule's f(k)
             loss_sum, tokens = self.train_step()
             grad_norm, applied = self.backend.step(hold=ledger.held)
@@ -423,6 +440,8 @@ class Trainer:
                 )
                 return Outcome.preempted
             attempted = state.global_step
-            if caught_up and ((t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == t.max_steps):
+            if caught_up and (
+                (t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == self.schedule.max_steps
+            ):
                 self.save(state)
         return Outcome.finished

@@ -41,10 +41,11 @@ def train(dcfg: DictConfig) -> Outcome:
     resolved = redact(cfg.to_dict())
     start = resume.choose(plan, info)
     changes = resume.accept(start, resolved) if start else []  # refused before anything is built
-    if start and resume.nothing_to_train(start, cfg.train.max_steps):
+    data = build_data(cfg, info)
+    schedule = cfg.schedule_for(info.world_size, data.train.num_samples)  # lengths in every unit, in steps
+    if start and resume.nothing_to_train(start, schedule.max_steps):
         distributed.teardown()
         return Outcome.finished
-    data = build_data(cfg, info)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(
         cfg.model,
@@ -52,19 +53,17 @@ def train(dcfg: DictConfig) -> Outcome:
         eos_id=data.eos_id,
         activation_checkpointing=cfg.train.activation_checkpointing,
     )
-    trainer = Trainer(
-        cfg, info, build_backend(cfg, model, info), data, cfg.lr_schedule, plan.run_dir, resolved
-    )
+    trainer = Trainer(cfg, info, build_backend(cfg, model, info), data, schedule, plan.run_dir, resolved)
     del model  # the backend holds it now
     torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout noise per rank
     state = trainer.restore(start) if start else TrainState()
     if start:
-        resume.report_changes(start, changes, cfg.lr_schedule)
+        resume.report_changes(start, changes, schedule)
     if info.is_main:  # the start is accepted: only now is the run folder written
         resume.record_start(plan.run_dir, resolved, start, changes)
         data.save_tokenizer(plan.run_dir)
     recorder = Recorder(
-        info.is_main, plan.run_dir, resolved, cfg.logger, cfg.train.max_steps, state.global_step
+        info.is_main, plan.run_dir, resolved, cfg.logger, schedule.max_steps, state.global_step
     )
     trainer.announce()
     try:

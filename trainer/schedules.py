@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from trainer.errors import ConfigError
 from trainer.schema import MISSING, OnResume, setting
@@ -81,8 +81,20 @@ class ScheduleConfig:
     """Linear warmup length in optimizer steps; wins over warmup_ratio when set."""
     warmup_ratio: float | None = setting(None, on_resume=OnResume.changes_math)
     """Warmup length as a fraction of train.max_steps, rounded up."""
+    warmup_tokens: Any = setting(None, on_resume=OnResume.changes_math)
+    """Warmup length in tokens (2e9, 2B, 500M), rounded up to whole steps."""
+    warmup_samples: Any = setting(None, on_resume=OnResume.changes_math)
+    """Warmup length in samples (sequences), rounded up to whole steps."""
+    warmup_epochs: float | None = setting(None, on_resume=OnResume.changes_math)
+    """Warmup length in epochs (passes over the training samples), rounded up to whole steps."""
+    warmup_start_lr: float | None = setting(None, on_resume=OnResume.changes_math)
+    """The LR warmup starts from (Megatron's lr_warmup_init); wins over warmup_start_ratio; default 0."""
+    warmup_start_ratio: float | None = setting(None, on_resume=OnResume.changes_math)
+    """The LR warmup starts from, as a fraction of optim.lr; default 0."""
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """This schedule's ``f(step)`` for a run of ``max_steps`` steps, its own keys checked.
 
         Raises:
@@ -125,7 +137,9 @@ class ConstantSchedule(ScheduleConfig):
     name: str = setting("constant", on_resume=OnResume.changes_math)
     """Selected with schedule=constant."""
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """:func:`constant`; refuses a warmup."""
         _check(
             warmup_steps == 0,
@@ -150,7 +164,9 @@ class ConstantWithWarmupSchedule(ScheduleConfig):
     name: str = setting("constant_with_warmup", on_resume=OnResume.changes_math)
     """Selected with schedule=constant_with_warmup."""
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """:func:`constant_with_warmup`."""
         return partial(constant_with_warmup, warmup_steps=warmup_steps)
 
@@ -170,7 +186,9 @@ class LinearSchedule(ScheduleConfig):
     name: str = setting("linear", on_resume=OnResume.changes_math)
     """Selected with schedule=linear."""
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """:func:`linear`."""
         return partial(linear, warmup_steps=warmup_steps, max_steps=max_steps)
 
@@ -202,7 +220,9 @@ class CosineSchedule(ScheduleConfig):
     num_cycles: float = setting(0.5, on_resume=OnResume.changes_math)
     """Cosine waves over the decay; 0.5 is one half-wave from peak to 0."""
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """:func:`cosine`."""
         _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
         return partial(cosine, warmup_steps=warmup_steps, max_steps=max_steps, num_cycles=self.num_cycles)
@@ -231,7 +251,9 @@ class CosineWithRestartsSchedule(ScheduleConfig):
     num_cycles: int = setting(1, on_resume=OnResume.changes_math)
     """Hard restarts: the decay is split into this many half-cosines."""
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """:func:`cosine_with_restarts`."""
         _check(self.num_cycles >= 1, f"schedule.num_cycles={self.num_cycles} must be at least 1")
         return partial(
@@ -268,7 +290,9 @@ class PolynomialSchedule(ScheduleConfig):
     power: float = setting(1.0, on_resume=OnResume.changes_math)
     """Exponent of the decay; 1.0 is linear."""
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """:func:`polynomial`; needs a decay of at least one step."""
         _check(self.power > 0, f"schedule.power={self.power} must be > 0")
         _check(
@@ -311,7 +335,9 @@ class InverseSqrtSchedule(ScheduleConfig):
     timescale: int | None = setting(None, on_resume=OnResume.changes_math)
     """Steps over which the LR falls by sqrt(2) after warmup; default: the warmup, or 10000 without warmup."""
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """:func:`inverse_sqrt`."""
         timescale = self.timescale if self.timescale is not None else (warmup_steps or 10_000)
         _check(timescale >= 1, f"schedule.timescale={self.timescale} must be at least 1")
@@ -352,7 +378,9 @@ class CosineWithMinLRSchedule(ScheduleConfig):
         _check(0.0 <= self.min_lr_rate <= 1.0, f"schedule.min_lr_rate={self.min_lr_rate} must be in [0, 1]")
         return self.min_lr_rate
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """:func:`cosine` with a floor."""
         _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
         return partial(
@@ -397,7 +425,9 @@ class CosineWarmupWithMinLRSchedule(CosineWithMinLRSchedule):
     warmup_lr_rate: float | None = setting(None, on_resume=OnResume.changes_math)
     """First warmup step's LR as a fraction of optim.lr; default 1/warmup_steps."""
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """:func:`cosine_warmup_with_min_lr`."""
         _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
         _check(
@@ -467,8 +497,20 @@ class WarmupStableDecaySchedule(ScheduleConfig):
     """Decay length in steps; wins over decay_ratio when set."""
     decay_ratio: float | None = setting(None, on_resume=OnResume.changes_math)
     """Decay length as a fraction of train.max_steps, rounded up."""
+    decay_tokens: Any = setting(None, on_resume=OnResume.changes_math)
+    """Decay length in tokens, rounded up to whole steps."""
+    decay_samples: Any = setting(None, on_resume=OnResume.changes_math)
+    """Decay length in samples, rounded up to whole steps."""
+    decay_epochs: float | None = setting(None, on_resume=OnResume.changes_math)
+    """Decay length in epochs, rounded up to whole steps."""
     num_stable_steps: int | None = setting(None, on_resume=OnResume.changes_math)
     """Constant stretch in steps; default: what warmup and decay leave of train.max_steps."""
+    stable_tokens: Any = setting(None, on_resume=OnResume.changes_math)
+    """Constant stretch in tokens, rounded up to whole steps."""
+    stable_samples: Any = setting(None, on_resume=OnResume.changes_math)
+    """Constant stretch in samples, rounded up to whole steps."""
+    stable_epochs: float | None = setting(None, on_resume=OnResume.changes_math)
+    """Constant stretch in epochs, rounded up to whole steps."""
     warmup_type: str = setting("linear", on_resume=OnResume.changes_math)
     """Shape of the warmup: linear, cosine or 1-sqrt."""
     decay_type: str = setting("cosine", on_resume=OnResume.changes_math)
@@ -478,24 +520,29 @@ class WarmupStableDecaySchedule(ScheduleConfig):
     num_cycles: float = setting(0.5, on_resume=OnResume.changes_math)
     """Cosine waves of a cosine decay; 0.5 is one half-wave."""
 
-    def decay_steps(self, max_steps: int) -> int:
-        """``num_decay_steps``, else ``decay_ratio`` of ``max_steps`` rounded up.
+    def decay_steps(self, max_steps: int, batching: Batching | None = None) -> int:
+        """``num_decay_steps`` (or the decay in tokens, samples or epochs), else ``decay_ratio`` of
+        ``max_steps`` rounded up.
 
         Raises:
-            ConfigError: neither is set, or the one set is out of range.
+            ConfigError: none is set, two are, or the one set is out of range.
         """
-        if self.num_decay_steps is not None:
-            _check(self.num_decay_steps >= 0, f"schedule.num_decay_steps={self.num_decay_steps} must be >= 0")
-            return self.num_decay_steps
+        counts = {"num_decay_steps": "steps", "decay_tokens": "tokens", "decay_samples": "samples"}
+        given = given_length(self, {**counts, "decay_epochs": "epochs"}, batching)
+        if given is not None:
+            return given
         _check(
             self.decay_ratio is not None,
-            "warmup_stable_decay needs schedule.num_decay_steps or schedule.decay_ratio",
+            "warmup_stable_decay needs schedule.num_decay_steps (or decay_tokens, decay_samples, decay_epochs) "
+            "or schedule.decay_ratio",
         )
         assert self.decay_ratio is not None
         _check(0.0 <= self.decay_ratio <= 1.0, f"schedule.decay_ratio={self.decay_ratio} must be in [0, 1]")
         return math.ceil(self.decay_ratio * max_steps)
 
-    def multiplier(self, warmup_steps: int, max_steps: int, peak_lr: float) -> Multiplier:
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+    ) -> Multiplier:
         """:func:`warmup_stable_decay`; warmup, stable and decay must fit in ``max_steps``."""
         for key in ("warmup_type", "decay_type"):
             value = getattr(self, key)
@@ -504,8 +551,10 @@ class WarmupStableDecaySchedule(ScheduleConfig):
             0.0 <= self.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"
         )
         _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
-        decay = self.decay_steps(max_steps)
-        stable = max_steps - warmup_steps - decay if self.num_stable_steps is None else self.num_stable_steps
+        decay = self.decay_steps(max_steps, batching)
+        counts = {"num_stable_steps": "steps", "stable_tokens": "tokens", "stable_samples": "samples"}
+        given = given_length(self, {**counts, "stable_epochs": "epochs"}, batching)
+        stable = max_steps - warmup_steps - decay if given is None else given
         _check(
             stable >= 0 and warmup_steps + stable + decay <= max_steps,
             f"schedule: warmup ({warmup_steps}) + stable ({stable}) + decay ({decay}) steps do not fit in "
@@ -524,23 +573,55 @@ class WarmupStableDecaySchedule(ScheduleConfig):
         )
 
 
-def resolve_warmup(cfg: ScheduleConfig, max_steps: int) -> int:
-    """Warmup steps: ``warmup_steps`` wins over ``warmup_ratio`` (rounded up), as in ``TrainingArguments``.
+class NeedsData(ConfigError):
+    """A length in epochs, asked for before the data (and so the samples in an epoch) is known."""
+
+
+def given_length(cfg: object, keys: dict[str, str], batching: Batching | None) -> int | None:
+    """The one length among ``keys`` (key -> unit) that ``cfg`` sets, in steps; None when none is set.
 
     Raises:
-        ConfigError: a negative count, a ratio outside [0, 1], or a warmup longer than ``max_steps``.
+        ConfigError: two are set, one is not a count of 0 or more, or a unit other than steps without
+            the batch to convert it with.
     """
-    if cfg.warmup_steps is not None:
-        _check(cfg.warmup_steps >= 0, f"schedule.warmup_steps={cfg.warmup_steps} must be >= 0")
-        warmup = cfg.warmup_steps
-    elif cfg.warmup_ratio is not None:
+    given = [(key, unit) for key, unit in keys.items() if getattr(cfg, key) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"schedule.{given[0][0]} and schedule.{given[1][0]} are both set; keep one")
+    if not given:
+        return None
+    key, unit = given[0]
+    value = getattr(cfg, key)
+    if unit == "steps":
+        _check(value >= 0, f"schedule.{key}={value} must be >= 0")
+        return int(value)
+    _check(batching is not None, f"schedule.{key} needs the run's batch to be counted in steps")
+    assert batching is not None
+    return batching.to_steps(parse_count(value, f"schedule.{key}"), unit, f"schedule.{key}")
+
+
+WARMUP_KEYS = {
+    "warmup_steps": "steps",
+    "warmup_tokens": "tokens",
+    "warmup_samples": "samples",
+    "warmup_epochs": "epochs",
+}
+
+
+def resolve_warmup(cfg: ScheduleConfig, max_steps: int, batching: Batching | None = None) -> int:
+    """Warmup steps: a count (in steps, tokens, samples or epochs) wins over ``warmup_ratio`` (rounded up),
+    as ``warmup_steps`` does in ``TrainingArguments``.
+
+    Raises:
+        ConfigError: two counts, a negative one, a ratio outside [0, 1], or a warmup longer than ``max_steps``.
+    """
+    warmup = given_length(cfg, WARMUP_KEYS, batching)
+    if warmup is None and cfg.warmup_ratio is not None:
         _check(
             0.0 <= cfg.warmup_ratio <= 1.0,
             f"schedule.warmup_ratio={cfg.warmup_ratio} must be in [0, 1] (a fraction of train.max_steps)",
         )
         warmup = math.ceil(cfg.warmup_ratio * max_steps)
-    else:
-        warmup = 0
+    warmup = warmup or 0
     _check(
         warmup <= max_steps,
         f"schedule.warmup_steps={warmup} exceeds train.max_steps={max_steps}; "
@@ -549,19 +630,141 @@ def resolve_warmup(cfg: ScheduleConfig, max_steps: int) -> int:
     return warmup
 
 
-def build_schedule(cfg: ScheduleConfig, *, max_steps: int, peak_lr: float) -> Schedule:
-    """Resolve a schedule config for a run of ``max_steps`` optimizer steps peaking at ``peak_lr``.
+def warmup_start_ratio(cfg: ScheduleConfig, peak_lr: float) -> float:
+    """The LR warmup starts from, as a fraction of ``peak_lr``: ``warmup_start_lr`` wins over the ratio.
+
+    Raises:
+        ConfigError: outside [0, optim.lr] (or [0, 1] as a ratio).
+    """
+    if cfg.warmup_start_lr is not None:
+        _check(
+            0.0 <= cfg.warmup_start_lr <= peak_lr,
+            f"schedule.warmup_start_lr={cfg.warmup_start_lr} must be in [0, optim.lr={peak_lr}]",
+        )
+        return cfg.warmup_start_lr / peak_lr
+    ratio = cfg.warmup_start_ratio or 0.0
+    _check(0.0 <= ratio <= 1.0, f"schedule.warmup_start_ratio={ratio} must be in [0, 1]")
+    return ratio
+
+
+def warmup_from(step: int, *, multiplier: Multiplier, warmup_steps: int, start: float) -> float:
+    """During warmup, the curve lifted to start at ``start`` (a fraction of the peak) instead of 0:
+    ``start + (1 - start) * f(step)``, Megatron's ``lr_warmup_init + (max_lr - lr_warmup_init) * f``
+    (megatron/core/optimizer_param_scheduler.py, ``get_lr``). After warmup, ``f(step)`` unchanged."""
+    value = multiplier(step)
+    return start + (1.0 - start) * value if step < warmup_steps else value
+
+
+def build_schedule(
+    cfg: ScheduleConfig, *, max_steps: int, peak_lr: float, batching: Batching | None = None
+) -> Schedule:
+    """Resolve a schedule config for a run of ``max_steps`` optimizer steps peaking at ``peak_lr``;
+    ``batching`` converts lengths given in tokens, samples or epochs to steps.
 
     Raises:
         ConfigError: ``max_steps`` below 1, ``peak_lr`` not positive, or a schedule key out of range.
     """
     _check(max_steps >= 1, f"train.max_steps={max_steps} must be at least 1")
     _check(peak_lr > 0, f"optim.lr={peak_lr} must be > 0")
-    warmup = resolve_warmup(cfg, max_steps)
+    warmup = resolve_warmup(cfg, max_steps, batching)
+    multiplier = cfg.multiplier(warmup, max_steps, peak_lr, batching)
+    start = warmup_start_ratio(cfg, peak_lr)
+    if start > 0:
+        multiplier = partial(warmup_from, multiplier=multiplier, warmup_steps=warmup, start=start)
     return Schedule(
-        name=cfg.name,
-        max_steps=max_steps,
-        peak_lr=peak_lr,
-        warmup_steps=warmup,
-        multiplier_fn=cfg.multiplier(warmup, max_steps, peak_lr),
+        name=cfg.name, max_steps=max_steps, peak_lr=peak_lr, warmup_steps=warmup, multiplier_fn=multiplier
     )
+
+
+# Durations: a run's length, and its schedule's lengths, in steps, tokens, samples or epochs.
+
+SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def parse_count(value: object, key: str) -> float:
+    """A count as a number: ``2000``, ``2e9``, or a readable ``"2B"``, ``"500M"``, ``"1.5k"`` (T, B/G, M, k).
+
+    Raises:
+        ConfigError: not a number or a number with one of those suffixes, or below 0, naming ``key``.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value} is not a count; give a number such as 2e9 or 2B")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        text = str(value).strip().replace("_", "")
+        scale = SUFFIXES.get(text[-1:], 1.0) if text else 1.0
+        try:
+            number = float(text[:-1] if scale != 1.0 else text) * scale
+        except ValueError:
+            raise ConfigError(
+                f"{key}={value} is not a count; give a number such as 2e9 or with a suffix: 2B, 500M, 10k"
+            ) from None
+    _check(number >= 0 and math.isfinite(number), f"{key}={value} must be a count of 0 or more")
+    return number
+
+
+def hf_steps_per_epoch(samples: int, micro_batch_size: int, world_size: int, grad_accum_steps: int) -> int:
+    """Optimizer steps in one epoch, as the Hugging Face Trainer counts them (transformers 5.x,
+    ``Trainer.set_initial_training_values``): ``ceil(len(dataloader) / grad_accum_steps)``, at least 1,
+    where each rank's dataloader holds ``ceil(ceil(samples / micro_batch_size) / world_size)`` batches
+    (the last ones partial; accelerate's even batches). A final partial accumulation window counts as a
+    step, as there.
+    """
+    per_rank = math.ceil(math.ceil(samples / micro_batch_size) / world_size)
+    return max(math.ceil(per_rank / grad_accum_steps), 1)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """What one optimizer step takes (a fixed global batch), and how many steps an epoch holds: what a
+    length in tokens, samples or epochs becomes in steps."""
+
+    seq_len: int
+    """Predicted tokens per sample (train.seq_len)."""
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    samples_per_epoch: int | None = None
+    """Training samples (windows of seq_len + 1 tokens) in one pass; None before the data is built."""
+
+    @property
+    def global_batch(self) -> int:
+        """Samples (sequences) per optimizer step, over all ranks and micro-batches."""
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Predicted tokens per optimizer step, over all ranks."""
+        return self.global_batch * self.seq_len
+
+    def steps_per_epoch(self, key: str) -> int:
+        """Optimizer steps in one epoch, as the Hugging Face Trainer counts them (:func:`hf_steps_per_epoch`).
+
+        Raises:
+            NeedsData: the data is not built yet (``key`` names the length that needs it).
+        """
+        if self.samples_per_epoch is None:
+            raise NeedsData(
+                f"{key} is counted in epochs, and an epoch's size is known once the data is built: the trainer "
+                "counts it then; to preview the schedule, give the length in steps, tokens or samples"
+            )
+        return hf_steps_per_epoch(
+            self.samples_per_epoch, self.micro_batch_size, self.world_size, self.grad_accum_steps
+        )
+
+    def to_steps(self, value: float, unit: str, key: str) -> int:
+        """``value`` in ``unit`` (steps, tokens, samples or epochs) as whole optimizer steps, rounded up.
+
+        Raises:
+            ConfigError: an unknown unit. NeedsData: epochs before the data is built.
+        """
+        if unit == "steps":
+            return math.ceil(value)
+        if unit == "tokens":
+            return math.ceil(value / self.tokens_per_step)
+        if unit == "samples":
+            return math.ceil(value / self.global_batch)
+        if unit == "epochs":
+            return math.ceil(value * self.steps_per_epoch(key))
+        raise ConfigError(f"{key}: {unit} is not a unit of length; use steps, tokens, samples or epochs")

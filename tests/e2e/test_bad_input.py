@@ -26,6 +26,12 @@ from tests.helpers import own_lines, ramp_env, run_ramp, snapshot
         (["train.seq_len=4096"], "model.max_position_embeddings"),
         (["run.resume=/no/such/checkpoint"], "run.resume"),
         (["logger.wandb.mode=sometimes"], "logger.wandb.mode"),
+        (
+            ["train.max_tokens=2B", "train.epochs=1"],
+            "train.max_tokens and train.epochs each give the run's length",
+        ),
+        (["train.max_tokens=2Q"], "train.max_tokens=2Q is not a count"),
+        (["train.max_steps=5", "schedule.warmup_tokens=1M"], "exceeds train.max_steps=5"),
     ],
 )
 def test_bad_config_fails_with_one_clear_message(

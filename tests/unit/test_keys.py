@@ -30,7 +30,7 @@ def schema_classes() -> list[type]:
         if isinstance(value, type)
         and is_dataclass(value)
         and value.__module__ == module.__name__
-        and value is not schedules.Schedule
+        and (module is config or issubclass(value, schedules.ScheduleConfig))
     ]
 
 

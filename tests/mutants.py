@@ -48,9 +48,9 @@ MUTANTS = [
         "LR written after the optimizer step",
         "trainer/loop.py",
         "            self.set_lr(ledger)  # before the step it belongs to: step k trains at the schedule's f(k)\n"
-        "            loss_sum, tokens = self.train_step()\n"
+        "            loss_sum, tokens = self.train_step(self.clock.grad_accum(attempted + 1))\n"
         "            grad_norm, applied = self.backend.step(hold=ledger.held)\n",
-        "            loss_sum, tokens = self.train_step()\n"
+        "            loss_sum, tokens = self.train_step(self.clock.grad_accum(attempted + 1))\n"
         "            grad_norm, applied = self.backend.step(hold=ledger.held)\n"
         "            self.set_lr(ledger)\n",
         (f"{TRAIN}::test_two_ranks_write_twenty_records_on_the_transformers_cosine",),
@@ -58,14 +58,14 @@ MUTANTS = [
     Mutant(
         "accumulated gradients not averaged",
         "trainer/loop.py",
-        "scale = 1.0 / (t.grad_accum_steps * t.micro_batch_size * t.seq_len)",
+        "scale = 1.0 / (accum * t.micro_batch_size * t.seq_len)",
         "scale = 1.0 / (t.micro_batch_size * t.seq_len)",
         (f"{TRAIN}::test_logged_loss_does_not_depend_on_the_world_size",),
     ),
     Mutant(
         "gradients synced on every micro-batch",
         "trainer/loop.py",
-        "with backend.accumulate(last=micro == t.grad_accum_steps - 1):",
+        "with backend.accumulate(last=micro == accum - 1):",
         "with backend.accumulate(last=True):",
         (f"{UNIT}/backends/test_ddp.py",),
     ),
@@ -93,8 +93,8 @@ MUTANTS = [
     Mutant(
         "tokens counted on one rank only",
         "trainer/loop.py",
-        "tokens = t.grad_accum_steps * t.micro_batch_size * t.seq_len * self.info.world_size",
-        "tokens = t.grad_accum_steps * t.micro_batch_size * t.seq_len",
+        "state.tokens + self.clock.batch_of(step) * t.seq_len",
+        "state.tokens + self.clock.grad_accum(step) * t.micro_batch_size * t.seq_len",
         (f"{TRAIN}::test_two_ranks_write_twenty_records_on_the_transformers_cosine",),
     ),
     Mutant(
@@ -135,8 +135,8 @@ MUTANTS = [
     Mutant(
         "the schedule read one step late (LR 0 on step 1)",
         "trainer/schedules.py",
-        "return float(self.multiplier_fn(min(step, self.max_steps)))",
-        "return float(self.multiplier_fn(min(step - 1, self.max_steps)))",
+        "        step = min(step, self.max_steps)\n",
+        "        step = min(step - 1, self.max_steps)\n",
         (f"{UNIT}/test_schedules.py",),
     ),
     Mutant(
@@ -148,14 +148,14 @@ MUTANTS = [
     ),
     Mutant(
         "an epoch's final partial accumulation window not counted",
-        "trainer/schedules.py",
+        "trainer/durations.py",
         "    return max(math.ceil(per_rank / grad_accum_steps), 1)",
         "    return max(per_rank // grad_accum_steps, 1)",
         (f"{UNIT}/test_durations.py",),
     ),
     Mutant(
         "a length in tokens counted in micro-batches, not optimizer steps",
-        "trainer/schedules.py",
+        "trainer/durations.py",
         "        return self.global_batch * self.seq_len",
         "        return self.micro_batch_size * self.world_size * self.seq_len",
         (f"{UNIT}/test_durations.py",),

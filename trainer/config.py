@@ -24,16 +24,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from trainer.durations import Batching, BatchRamp, Clock, NeedsData, parse_batch_schedule, parse_count
 from trainer.errors import ConfigError
-from trainer.schedules import (
-    SCHEDULES,
-    Batching,
-    NeedsData,
-    Schedule,
-    ScheduleConfig,
-    build_schedule,
-    parse_count,
-)
+from trainer.schedules import SCHEDULES, Schedule, ScheduleConfig, build_schedule
 from trainer.schema import MISSING, OnResume, on_resume, setting
 
 if typing.TYPE_CHECKING:
@@ -122,6 +115,9 @@ class TrainConfig:
     """Sequences per rank per forward pass."""
     grad_accum_steps: int = setting(1, on_resume=OnResume.changes_math)
     """Micro-batches per optimizer step. Never changes the global step."""
+    batch_schedule: str | None = setting(None, on_resume=OnResume.refused)
+    """The global batch (sequences) by tokens trained on, e.g. '0:256 2B:512 6B:1024'; reached by the
+    number of accumulation micro-batches. The LR schedule then counts samples."""
     seq_len: int = setting(256, on_resume=OnResume.refused)
     """Tokens per sequence (the model sees seq_len inputs and predicts seq_len targets)."""
     seed: int = setting(1337, on_resume=OnResume.refused)
@@ -174,6 +170,13 @@ class TrainConfig:
                 value is None or parse_count(value, f"train.{key}") > 0, f"train.{key}={value} must be > 0"
             )
         _at_least("train", self, ("micro_batch_size", "grad_accum_steps", "seq_len", "log_every"), 1)
+        if self.batch_schedule is not None:
+            parse_batch_schedule(self.batch_schedule)
+            _require(
+                self.grad_accum_steps == 1,
+                f"train.grad_accum_steps={self.grad_accum_steps} and train.batch_schedule both set the batch: "
+                "with a batch schedule each step accumulates what its stage needs; drop train.grad_accum_steps",
+            )
         _at_least("train", self, ("keep_checkpoints",), 1)
         _at_least("train", self, ("eval_every", "eval_steps", "ckpt_every"), 0)
         _require(
@@ -603,12 +606,20 @@ class Config:
         with contextlib.suppress(NeedsData):  # a length in epochs is checked once the data is built
             _ = self.lr_schedule  # the schedule's own checks need the run's length and optim.lr
 
-    def batching(self, world_size: int, samples_per_epoch: int | None = None) -> Batching:
-        """What one step takes on ``world_size`` ranks, and the samples in an epoch once the data is built."""
+    def batching(self, world_size: int, samples_per_epoch: int | None = None) -> Clock:
+        """What each step takes on ``world_size`` ranks (a fixed batch, or train.batch_schedule's), and the
+        samples in an epoch once the data is built.
+
+        Raises:
+            ConfigError: a batch schedule's batch that the micro-batches on ``world_size`` ranks do not divide.
+        """
         t = self.train
+        if t.batch_schedule is not None:
+            stages = parse_batch_schedule(t.batch_schedule)
+            return BatchRamp(stages, t.seq_len, t.micro_batch_size, world_size, samples_per_epoch)
         return Batching(t.seq_len, t.micro_batch_size, t.grad_accum_steps, world_size, samples_per_epoch)
 
-    def run_steps(self, batching: Batching) -> int:
+    def run_steps(self, clock: Clock) -> int:
         """The run's length in optimizer steps: train.max_steps, else the one length given, else 300.
 
         Raises:
@@ -619,18 +630,24 @@ class Config:
             return t.max_steps
         units = {"train.max_tokens": "tokens", "train.max_samples": "samples", "train.epochs": "epochs"}
         for key, value in t.lengths().items():
-            return max(batching.to_steps(parse_count(value, key), units[key], key), 1)
+            return clock.run_steps(parse_count(value, key), units[key], key)
         return DEFAULT_STEPS
 
     def schedule_for(self, world_size: int, samples_per_epoch: int | None = None) -> Schedule:
-        """The LR schedule of this run on ``world_size`` ranks, with every length counted in steps.
+        """The LR schedule of this run on ``world_size`` ranks: its length in steps, every other length in
+        the schedule's clock (steps, or samples under train.batch_schedule).
 
         Raises:
             ConfigError: a length or schedule key out of range. NeedsData: epochs before the data is built.
         """
-        batching = self.batching(world_size, samples_per_epoch)
-        max_steps = self.run_steps(batching)
-        return build_schedule(self.schedule, max_steps=max_steps, peak_lr=self.optim.lr, batching=batching)
+        clock = self.batching(world_size, samples_per_epoch)
+        max_steps = self.run_steps(clock)
+        given = self.train.lengths()
+        key = next(iter(given), None)
+        length_key = f"{key}={given[key]}" if key else f"train.max_steps default {DEFAULT_STEPS}"
+        return build_schedule(
+            self.schedule, max_steps=max_steps, peak_lr=self.optim.lr, clock=clock, length_key=length_key
+        )
 
     @functools.cached_property
     def lr_schedule(self) -> Schedule:

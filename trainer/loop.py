@@ -29,6 +29,7 @@ from trainer.config import Config, OnNan
 from trainer.data import Data
 from trainer.data.sampler import WindowSampler
 from trainer.distributed import DistInfo
+from trainer.durations import Clock
 from trainer.errors import TrainingHalted
 from trainer.models import causal_lm_loss, count_parameters
 from trainer.observe import Recorder, job_log
@@ -209,6 +210,8 @@ class Trainer:
     peak_flops: float | None = field(init=False)
     """Peak FLOP/s of one device; None leaves MFU out of the records (a CPU without logger.peak_flops)."""
 
+    clock: Clock = field(init=False)
+    """Each step's global batch and samples (a fixed batch, or train.batch_schedule's)."""
     batches: Batches = field(init=False)
     lr_table: torch.Tensor = field(init=False)
     """On the device: the schedule's LR of global step k at index k (index 0 is unused)."""
@@ -218,36 +221,47 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.backend.module, self.cfg.train.seq_len)
         self.peak_flops = peak_flops(self.info.device, self.cfg.logger.peak_flops)
         self.batches = Batches(self.data.train, self.info.device)
+        world, samples = self.info.world_size, self.data.train.num_samples
+        self.clock = self.schedule.clock or self.cfg.batching(world, samples)
         lrs = [self.schedule.lr(max(step, 1)) for step in range(self.schedule.max_steps + 1)]
         self.lr_table = torch.tensor(lrs, dtype=torch.float64, device=self.info.device)
 
     def announce(self) -> None:
         """The start-up lines: what trains, on how many ranks, how many tokens a step, into where; the
         run's length and warmup in every unit."""
-        t, world, steps = self.cfg.train, self.info.world_size, self.schedule.max_steps
-        per_step = t.micro_batch_size * t.grad_accum_steps * world  # samples
+        t, world, clock, schedule = self.cfg.train, self.info.world_size, self.clock, self.schedule
         per_epoch = self.data.train.num_samples
 
-        def units(count: int) -> str:
+        def units(step: int) -> str:
+            samples = clock.samples_after(step)
             return (
-                f"{count} steps = {count * per_step * t.seq_len:,} tokens = {count * per_step:,} samples = "
-                f"{count * per_step / per_epoch:.3g} epochs"
+                f"{step} steps = {samples * t.seq_len:,} tokens = {samples:,} samples = "
+                f"{samples / per_epoch:.3g} epochs"
             )
 
         if t.max_steps is not None and t.epochs is not None:
             log.info("ramp | train.max_steps=%d wins over train.epochs=%g", t.max_steps, t.epochs)
-        log.info("ramp | length %s | warmup %s", units(steps), units(self.schedule.warmup_steps))
+        log.info("ramp | length %s | warmup %s", units(schedule.max_steps), units(schedule.warmup_steps))
+        log.info("ramp | decay starts after %s", units(schedule.decay_start))
+        for segment in clock.segments_until(schedule.max_steps):
+            accum = segment.global_batch // (t.micro_batch_size * world)
+            log.info(
+                "ramp | from step %d (%s tokens): %d sequences a step = %d tokens (%d x %d x %d ranks x %d accum)",
+                segment.first_step,
+                f"{segment.samples_before * t.seq_len:,}",
+                segment.global_batch,
+                segment.global_batch * t.seq_len,
+                t.micro_batch_size,
+                t.seq_len,
+                world,
+                accum,
+            )
         log.info(
-            "ramp | %s: %.2fM parameters | world %d | %d tokens/step (%d x %d x %d ranks x %d accum) | %s -> %s",
+            "ramp | %s: %.2fM parameters | world %d | %s -> %s",
             self.cfg.model.name,
             count_parameters(self.backend.module) / 1e6,
             world,
-            t.micro_batch_size * t.seq_len * world * t.grad_accum_steps,
-            t.micro_batch_size,
-            t.seq_len,
-            world,
-            t.grad_accum_steps,
-            self.schedule.name,
+            schedule.name,
             self.run_dir,
         )
 
@@ -270,22 +284,22 @@ class Trainer:
         for group in self.backend.param_groups:
             group["lr"] = lr
 
-    def train_step(self) -> tuple[torch.Tensor, int]:
-        """Forward and backward every micro-batch of one optimizer step; gradients sync on the last.
+    def train_step(self, accum: int) -> tuple[torch.Tensor, int]:
+        """Forward and backward the ``accum`` micro-batches of one optimizer step; gradients sync on the last.
 
         Returns the step's summed token loss on this rank (detached) and its number of predicted tokens.
         """
         t, backend = self.cfg.train, self.backend
         # Each rank backpropagates its share of the step's token mean: the backend averages over
         # ranks, and the micro-batches of one step add up, so the gradient is the global token mean's.
-        scale = 1.0 / (t.grad_accum_steps * t.micro_batch_size * t.seq_len)
+        scale = 1.0 / (accum * t.micro_batch_size * t.seq_len)
         loss_sum = torch.zeros((), device=self.info.device, dtype=torch.float64)
         tokens = 0
-        for micro in range(t.grad_accum_steps):
+        for micro in range(accum):
             waited = time.perf_counter()
             batch = self.batches.next()
             self.meter.data_wait += time.perf_counter() - waited
-            with backend.accumulate(last=micro == t.grad_accum_steps - 1):
+            with backend.accumulate(last=micro == accum - 1):
                 with backend.autocast():
                     loss = causal_lm_loss(backend.model, batch)  # queued on the device
                 waited = time.perf_counter()
@@ -339,10 +353,9 @@ class Trainer:
             TrainingHalted: a non-finite norm with ``train.on_nan=halt``, or too many skips in a row.
         """
         t = self.cfg.train
-        tokens = t.grad_accum_steps * t.micro_batch_size * t.seq_len * self.info.world_size
         for applied, step, in_a_row, norm in ledger.read():
             if applied:
-                state.global_step, state.tokens = step, state.tokens + tokens
+                state.global_step, state.tokens = step, state.tokens + self.clock.batch_of(step) * t.seq_len
                 continue
             message = f"non-finite gradient norm ({norm}) at step {step}"
             if t.on_nan == OnNan.halt:
@@ -359,10 +372,12 @@ class Trainer:
 
     def due(self, attempted: int) -> bool:
         """Whether global step ``attempted`` (if every attempt since the last sync applied) is one where
-        something happens (a log record, an evaluation, a checkpoint, the end): the loop syncs there."""
+        something happens (a log record, an evaluation, a checkpoint, the end), or the last before the
+        batch changes (the next step's micro-batches depend on the true step): the loop syncs there."""
         t = self.cfg.train
         return (
             attempted in (1, self.schedule.max_steps)
+            or self.clock.batch_of(attempted + 1) != self.clock.batch_of(attempted)
             or attempted % t.log_every == 0
             or (t.eval_every > 0 and attempted % t.eval_every == 0)
             or (t.ckpt_every > 0 and attempted % t.ckpt_every == 0)
@@ -372,12 +387,12 @@ class Trainer:
         """Reduce the open log interval over ranks and record it (collective: every rank calls it)."""
         step = state.global_step
         record: dict[str, Any] = {"step": step, "lr": self.schedule.lr(step), **self.meter.reduce(self.info)}
-        position, t = self.batches.state_dict(), self.cfg.train
-        global_batch = t.micro_batch_size * t.grad_accum_steps * self.info.world_size
+        position = self.batches.state_dict()
         # the pass over the data and how far into it, as a fraction of its samples
         epoch = position["epoch"] + position["position"] / self.data.train.num_samples
-        record.update(grad_norm=float(grad_norm), tokens=state.tokens, samples=step * global_batch)
-        record.update(epoch=epoch, global_batch=global_batch)
+        samples = self.clock.samples_after(step)
+        record.update(grad_norm=float(grad_norm), tokens=state.tokens, samples=samples)
+        record.update(epoch=epoch, global_batch=self.clock.batch_of(step))
         # Each group's LR as the optimizer read it when it stepped: what trained, not what was meant to.
         record.update({f"lr/{name}": group_lr for name, group_lr in self.backend.applied_lrs.items()})
         record["skipped_steps"] = state.skipped_steps
@@ -415,9 +430,13 @@ class Trainer:
         gc.freeze()
         ledger = Ledger(state.global_step, self.info.device, halt_on_nan=t.on_nan == OnNan.halt)
         attempted = state.global_step  # the global step if every attempt since the last sync applied
+        global_batch = self.clock.batch_of(1)  # what the backend was built with
         while state.global_step < self.schedule.max_steps:
+            if self.clock.batch_of(attempted + 1) != global_batch:  # attempted is exact here (see due)
+                global_batch = self.clock.batch_of(attempted + 1)
+                self.backend.set_global_batch(global_batch)
             self.set_lr(ledger)  # before the step it belongs to: step k trains at the schedule's f(k)
-            loss_sum, tokens = self.train_step()
+            loss_sum, tokens = self.train_step(self.clock.grad_accum(attempted + 1))
             grad_norm, applied = self.backend.step(hold=ledger.held)
             ledger.record(grad_norm, applied)
             self.meter.add(loss_sum, tokens, applied)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
+from trainer.durations import Clock, parse_count
 from trainer.errors import ConfigError
 from trainer.schema import MISSING, OnResume, setting
 
@@ -35,23 +36,43 @@ Multiplier = Callable[[int], float]
 
 @dataclass(frozen=True)
 class Schedule:
-    """A resolved schedule: ``lr(step)`` is the LR that optimizer step ``step`` trains at."""
+    """A resolved schedule: ``lr(step)`` is the LR that optimizer step ``step`` trains at.
+
+    With a fixed batch, ``f`` is evaluated at the global step; with a batch schedule, at the samples
+    trained on after the step (``clock``), so the curve is continuous through every batch change.
+    """
 
     name: str
     max_steps: int
     peak_lr: float
     warmup_steps: int
+    """The first global step at or past the warmup's end (0 without warmup)."""
+    decay_start: int
+    """The last global step before the decay begins (the warmup's end, or a stable phase's)."""
     multiplier_fn: Multiplier
+    """``f`` of the schedule's clock: the global step, or the samples trained on."""
+    clock: Clock | None = None
+    """What each step takes (:mod:`trainer.durations`); None: a fixed batch that is not known here."""
+    batch_lr_scaling: str = "none"
+    """With a batch schedule: none, or the LR times sqrt or the ratio of the step's batch to the first."""
 
     def multiplier(self, step: int) -> float:
-        """``f(step)``, held at its value at ``max_steps`` past the end.
+        """``f`` after global step ``step`` (times the batch scaling), held at its value at ``max_steps``
+        past the end.
 
         Raises:
             ValueError: ``step`` is below 1 (the global step is 1-based).
         """
         if step < 1:
             raise ValueError(f"the global step is 1-based; got {step}")
-        return float(self.multiplier_fn(min(step, self.max_steps)))
+        step = min(step, self.max_steps)
+        if self.clock is None:
+            return float(self.multiplier_fn(step))
+        value = float(self.multiplier_fn(self.clock.clock(step)))
+        if self.batch_lr_scaling == "none":
+            return value
+        ratio = self.clock.batch_of(step) / self.clock.batch_of(1)
+        return value * (math.sqrt(ratio) if self.batch_lr_scaling == "sqrt" else ratio)
 
     def lr(self, step: int) -> float:
         """The LR of optimizer step ``step``: ``peak_lr * multiplier(step)``.
@@ -91,11 +112,19 @@ class ScheduleConfig:
     """The LR warmup starts from (Megatron's lr_warmup_init); wins over warmup_start_ratio; default 0."""
     warmup_start_ratio: float | None = setting(None, on_resume=OnResume.changes_math)
     """The LR warmup starts from, as a fraction of optim.lr; default 0."""
+    batch_lr_scaling: str = setting("none", on_resume=OnResume.changes_math)
+    """With train.batch_schedule: none (as Megatron-LM), sqrt (the LR times sqrt(batch / first batch), as
+    OLMo-core's batch-size scheduler) or linear (times batch / first batch)."""
+
+    def decay_start(self, warmup: int, total: int, clock: Clock | None = None) -> int:
+        """Where the decay begins, in the clock's unit: after the warmup (a stable phase's end for WSD)."""
+        return warmup
 
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
-        """This schedule's ``f(step)`` for a run of ``max_steps`` steps, its own keys checked.
+        """This schedule's ``f`` for a run of ``max_steps``, its own keys checked. ``warmup_steps`` and
+        ``max_steps`` are in the clock's unit: steps, or samples under a batch schedule (``clock.unit``).
 
         Raises:
             ConfigError: one of the schedule's keys is out of range, naming it and the fix.
@@ -138,7 +167,7 @@ class ConstantSchedule(ScheduleConfig):
     """Selected with schedule=constant."""
 
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
         """:func:`constant`; refuses a warmup."""
         _check(
@@ -165,7 +194,7 @@ class ConstantWithWarmupSchedule(ScheduleConfig):
     """Selected with schedule=constant_with_warmup."""
 
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
         """:func:`constant_with_warmup`."""
         return partial(constant_with_warmup, warmup_steps=warmup_steps)
@@ -187,7 +216,7 @@ class LinearSchedule(ScheduleConfig):
     """Selected with schedule=linear."""
 
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
         """:func:`linear`."""
         return partial(linear, warmup_steps=warmup_steps, max_steps=max_steps)
@@ -221,7 +250,7 @@ class CosineSchedule(ScheduleConfig):
     """Cosine waves over the decay; 0.5 is one half-wave from peak to 0."""
 
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
         """:func:`cosine`."""
         _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
@@ -252,7 +281,7 @@ class CosineWithRestartsSchedule(ScheduleConfig):
     """Hard restarts: the decay is split into this many half-cosines."""
 
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
         """:func:`cosine_with_restarts`."""
         _check(self.num_cycles >= 1, f"schedule.num_cycles={self.num_cycles} must be at least 1")
@@ -291,7 +320,7 @@ class PolynomialSchedule(ScheduleConfig):
     """Exponent of the decay; 1.0 is linear."""
 
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
         """:func:`polynomial`; needs a decay of at least one step."""
         _check(self.power > 0, f"schedule.power={self.power} must be > 0")
@@ -301,8 +330,8 @@ class PolynomialSchedule(ScheduleConfig):
         )
         _check(
             warmup_steps < max_steps,
-            f"schedule=polynomial needs a decay: schedule.warmup_steps={warmup_steps} must be below "
-            f"train.max_steps={max_steps}",
+            f"schedule=polynomial needs a decay: schedule.warmup_steps (or the warmup given: {warmup_steps} "
+            f"{_unit(clock)}) must end before the run's {max_steps} {_unit(clock)}",
         )
         return partial(
             polynomial,
@@ -336,11 +365,18 @@ class InverseSqrtSchedule(ScheduleConfig):
     """Steps over which the LR falls by sqrt(2) after warmup; default: the warmup, or 10000 without warmup."""
 
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
         """:func:`inverse_sqrt`."""
+        _check(
+            self.timescale is None or self.timescale >= 1,
+            f"schedule.timescale={self.timescale} must be at least 1",
+        )
         timescale = self.timescale if self.timescale is not None else (warmup_steps or 10_000)
-        _check(timescale >= 1, f"schedule.timescale={self.timescale} must be at least 1")
+        if clock is not None and (self.timescale is not None or not warmup_steps):
+            timescale = clock.to_units(
+                timescale, "steps", "schedule.timescale"
+            )  # in samples with a batch schedule
         return partial(inverse_sqrt, warmup_steps=warmup_steps, timescale=timescale)
 
 
@@ -379,7 +415,7 @@ class CosineWithMinLRSchedule(ScheduleConfig):
         return self.min_lr_rate
 
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
         """:func:`cosine` with a floor."""
         _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
@@ -426,7 +462,7 @@ class CosineWarmupWithMinLRSchedule(CosineWithMinLRSchedule):
     """First warmup step's LR as a fraction of optim.lr; default 1/warmup_steps."""
 
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
         """:func:`cosine_warmup_with_min_lr`."""
         _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
@@ -520,7 +556,7 @@ class WarmupStableDecaySchedule(ScheduleConfig):
     num_cycles: float = setting(0.5, on_resume=OnResume.changes_math)
     """Cosine waves of a cosine decay; 0.5 is one half-wave."""
 
-    def decay_steps(self, max_steps: int, batching: Batching | None = None) -> int:
+    def decay_steps(self, max_steps: int, clock: Clock | None = None) -> int:
         """``num_decay_steps`` (or the decay in tokens, samples or epochs), else ``decay_ratio`` of
         ``max_steps`` rounded up.
 
@@ -528,7 +564,7 @@ class WarmupStableDecaySchedule(ScheduleConfig):
             ConfigError: none is set, two are, or the one set is out of range.
         """
         counts = {"num_decay_steps": "steps", "decay_tokens": "tokens", "decay_samples": "samples"}
-        given = given_length(self, {**counts, "decay_epochs": "epochs"}, batching)
+        given = length_of(self, {**counts, "decay_epochs": "epochs"}, clock)
         if given is not None:
             return given
         _check(
@@ -540,8 +576,32 @@ class WarmupStableDecaySchedule(ScheduleConfig):
         _check(0.0 <= self.decay_ratio <= 1.0, f"schedule.decay_ratio={self.decay_ratio} must be in [0, 1]")
         return math.ceil(self.decay_ratio * max_steps)
 
+    def phases(self, warmup: int, total: int, clock: Clock | None = None) -> tuple[int, int]:
+        """(stable, decay) lengths in the clock's unit; by default the stable phase is what warmup and
+        decay leave of the run.
+
+        Raises:
+            ConfigError: warmup, stable and decay do not fit in the run, or a length out of range.
+        """
+        decay = self.decay_steps(total, clock)
+        counts = {"num_stable_steps": "steps", "stable_tokens": "tokens", "stable_samples": "samples"}
+        given = length_of(self, {**counts, "stable_epochs": "epochs"}, clock)
+        stable = total - warmup - decay if given is None else given
+        unit = "steps" if clock is None else clock.unit
+        _check(
+            stable >= 0 and warmup + stable + decay <= total,
+            f"schedule: warmup ({warmup}) + stable ({stable}) + decay ({decay}) {unit} do not fit in the run's "
+            f"{total} {unit}; shorten schedule.num_stable_steps, schedule.num_decay_steps / "
+            "schedule.decay_ratio or the warmup",
+        )
+        return stable, decay
+
+    def decay_start(self, warmup: int, total: int, clock: Clock | None = None) -> int:
+        """After warmup and the stable phase."""
+        return warmup + self.phases(warmup, total, clock)[0]
+
     def multiplier(
-        self, warmup_steps: int, max_steps: int, peak_lr: float, batching: Batching | None = None
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
     ) -> Multiplier:
         """:func:`warmup_stable_decay`; warmup, stable and decay must fit in ``max_steps``."""
         for key in ("warmup_type", "decay_type"):
@@ -551,16 +611,7 @@ class WarmupStableDecaySchedule(ScheduleConfig):
             0.0 <= self.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"
         )
         _check(self.num_cycles > 0, f"schedule.num_cycles={self.num_cycles} must be > 0")
-        decay = self.decay_steps(max_steps, batching)
-        counts = {"num_stable_steps": "steps", "stable_tokens": "tokens", "stable_samples": "samples"}
-        given = given_length(self, {**counts, "stable_epochs": "epochs"}, batching)
-        stable = max_steps - warmup_steps - decay if given is None else given
-        _check(
-            stable >= 0 and warmup_steps + stable + decay <= max_steps,
-            f"schedule: warmup ({warmup_steps}) + stable ({stable}) + decay ({decay}) steps do not fit in "
-            f"train.max_steps={max_steps}; shorten schedule.num_stable_steps, schedule.num_decay_steps / "
-            "schedule.decay_ratio or the warmup",
-        )
+        stable, decay = self.phases(warmup_steps, max_steps, clock)
         return partial(
             warmup_stable_decay,
             warmup_steps=warmup_steps,
@@ -573,12 +624,9 @@ class WarmupStableDecaySchedule(ScheduleConfig):
         )
 
 
-class NeedsData(ConfigError):
-    """A length in epochs, asked for before the data (and so the samples in an epoch) is known."""
-
-
-def given_length(cfg: object, keys: dict[str, str], batching: Batching | None) -> int | None:
-    """The one length among ``keys`` (key -> unit) that ``cfg`` sets, in steps; None when none is set.
+def given_length(cfg: object, keys: dict[str, str], clock: Clock | None) -> tuple[str, int] | None:
+    """The one length among ``keys`` (key -> unit) that ``cfg`` sets, as (its key, its length in the
+    clock's unit: steps, or samples under a batch schedule); None when none is set.
 
     Raises:
         ConfigError: two are set, one is not a count of 0 or more, or a unit other than steps without
@@ -590,13 +638,20 @@ def given_length(cfg: object, keys: dict[str, str], batching: Batching | None) -
     if not given:
         return None
     key, unit = given[0]
-    value = getattr(cfg, key)
+    name, value = f"schedule.{key}", getattr(cfg, key)
     if unit == "steps":
-        _check(value >= 0, f"schedule.{key}={value} must be >= 0")
-        return int(value)
-    _check(batching is not None, f"schedule.{key} needs the run's batch to be counted in steps")
-    assert batching is not None
-    return batching.to_steps(parse_count(value, f"schedule.{key}"), unit, f"schedule.{key}")
+        _check(value >= 0, f"{name}={value} must be >= 0")
+        if clock is None:
+            return name, int(value)
+    _check(clock is not None, f"{name} needs the run's batch to be counted in steps")
+    assert clock is not None
+    return name, clock.to_units(parse_count(value, name), unit, name)
+
+
+def length_of(cfg: object, keys: dict[str, str], clock: Clock | None) -> int | None:
+    """:func:`given_length`'s length alone."""
+    given = given_length(cfg, keys, clock)
+    return None if given is None else given[1]
 
 
 WARMUP_KEYS = {
@@ -607,25 +662,38 @@ WARMUP_KEYS = {
 }
 
 
-def resolve_warmup(cfg: ScheduleConfig, max_steps: int, batching: Batching | None = None) -> int:
-    """Warmup steps: a count (in steps, tokens, samples or epochs) wins over ``warmup_ratio`` (rounded up),
-    as ``warmup_steps`` does in ``TrainingArguments``.
+def _unit(clock: Clock | None) -> str:
+    return "steps" if clock is None else clock.unit
+
+
+def resolve_warmup(
+    cfg: ScheduleConfig, max_steps: int, clock: Clock | None = None, length_key: str = "train.max_steps"
+) -> int:
+    """Warmup length in the clock's unit: a count (in steps, tokens, samples or epochs) wins over
+    ``warmup_ratio`` (a fraction of ``max_steps``, the run's length in that unit, rounded up), as
+    ``warmup_steps`` does in ``TrainingArguments``. ``length_key`` names the key the run's length came
+    from, for the message.
 
     Raises:
-        ConfigError: two counts, a negative one, a ratio outside [0, 1], or a warmup longer than ``max_steps``.
+        ConfigError: two counts, a negative one, a ratio outside [0, 1], or a warmup longer than the run,
+            naming the key.
     """
-    warmup = given_length(cfg, WARMUP_KEYS, batching)
-    if warmup is None and cfg.warmup_ratio is not None:
+    given = given_length(cfg, WARMUP_KEYS, clock)
+    if given is None and cfg.warmup_ratio is not None:
         _check(
             0.0 <= cfg.warmup_ratio <= 1.0,
-            f"schedule.warmup_ratio={cfg.warmup_ratio} must be in [0, 1] (a fraction of train.max_steps)",
+            f"schedule.warmup_ratio={cfg.warmup_ratio} must be in [0, 1] (a fraction of the run)",
         )
-        warmup = math.ceil(cfg.warmup_ratio * max_steps)
-    warmup = warmup or 0
+        given = ("schedule.warmup_ratio", math.ceil(cfg.warmup_ratio * max_steps))
+    if given is None:
+        return 0
+    key, warmup = given
+    value, unit = getattr(cfg, key.split(".")[1]), _unit(clock)
+    in_units = "" if (key, unit) == ("schedule.warmup_steps", "steps") else f" ({warmup} {unit})"
     _check(
         warmup <= max_steps,
-        f"schedule.warmup_steps={warmup} exceeds train.max_steps={max_steps}; "
-        "lower it or use schedule.warmup_ratio",
+        f"{key}={value}{in_units} exceeds the run's {max_steps} {unit} ({length_key}); lower it, lengthen the "
+        "run or use schedule.warmup_ratio",
     )
     return warmup
 
@@ -655,116 +723,53 @@ def warmup_from(step: int, *, multiplier: Multiplier, warmup_steps: int, start: 
     return start + (1.0 - start) * value if step < warmup_steps else value
 
 
+BATCH_LR_SCALINGS = ("none", "sqrt", "linear")
+
+
 def build_schedule(
-    cfg: ScheduleConfig, *, max_steps: int, peak_lr: float, batching: Batching | None = None
+    cfg: ScheduleConfig,
+    *,
+    max_steps: int,
+    peak_lr: float,
+    clock: Clock | None = None,
+    length_key: str = "train.max_steps",
 ) -> Schedule:
-    """Resolve a schedule config for a run of ``max_steps`` optimizer steps peaking at ``peak_lr``;
-    ``batching`` converts lengths given in tokens, samples or epochs to steps.
+    """Resolve a schedule config for a run of ``max_steps`` optimizer steps peaking at ``peak_lr``.
+
+    ``clock`` says what each step takes (:mod:`trainer.durations`): with a fixed batch the schedule
+    counts steps and lengths in tokens, samples or epochs become whole steps; with a batch schedule
+    (:class:`~trainer.durations.BatchRamp`) it counts the samples trained on, and every length is
+    counted in samples. Without a clock, every length must be in steps. ``length_key`` names the key
+    the run's length came from (``train.max_tokens=2B``), for messages.
 
     Raises:
         ConfigError: ``max_steps`` below 1, ``peak_lr`` not positive, or a schedule key out of range.
     """
     _check(max_steps >= 1, f"train.max_steps={max_steps} must be at least 1")
     _check(peak_lr > 0, f"optim.lr={peak_lr} must be > 0")
-    warmup = resolve_warmup(cfg, max_steps, batching)
-    multiplier = cfg.multiplier(warmup, max_steps, peak_lr, batching)
+    _check(
+        cfg.batch_lr_scaling in BATCH_LR_SCALINGS,
+        f"schedule.batch_lr_scaling={cfg.batch_lr_scaling} must be none, sqrt or linear",
+    )
+    _check(
+        cfg.batch_lr_scaling == "none" or _unit(clock) == "samples",
+        f"schedule.batch_lr_scaling={cfg.batch_lr_scaling} scales the LR as train.batch_schedule changes the "
+        "batch, and no batch schedule is set: set train.batch_schedule or schedule.batch_lr_scaling=none",
+    )
+    total = max_steps if clock is None else clock.clock(max_steps)
+    warmup = resolve_warmup(cfg, total, clock, length_key)
+    multiplier = cfg.multiplier(warmup, total, peak_lr, clock)
     start = warmup_start_ratio(cfg, peak_lr)
     if start > 0:
         multiplier = partial(warmup_from, multiplier=multiplier, warmup_steps=warmup, start=start)
+    steps_until = (lambda units: units) if clock is None else clock.steps_until
     return Schedule(
-        name=cfg.name, max_steps=max_steps, peak_lr=peak_lr, warmup_steps=warmup, multiplier_fn=multiplier
+        name=cfg.name,
+        max_steps=max_steps,
+        peak_lr=peak_lr,
+        warmup_steps=steps_until(warmup),
+        decay_start=steps_until(cfg.decay_start(warmup, total, clock)),
+        multiplier_fn=multiplier,
+        clock=clock,
+        batch_lr_scaling=cfg.batch_lr_scaling,
     )
-
-
-# Durations: a run's length, and its schedule's lengths, in steps, tokens, samples or epochs.
-
-SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
-
-
-def parse_count(value: object, key: str) -> float:
-    """A count as a number: ``2000``, ``2e9``, or a readable ``"2B"``, ``"500M"``, ``"1.5k"`` (T, B/G, M, k).
-
-    Raises:
-        ConfigError: not a number or a number with one of those suffixes, or below 0, naming ``key``.
-    """
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}={value} is not a count; give a number such as 2e9 or 2B")
-    if isinstance(value, (int, float)):
-        number = float(value)
-    else:
-        text = str(value).strip().replace("_", "")
-        scale = SUFFIXES.get(text[-1:], 1.0) if text else 1.0
-        try:
-            number = float(text[:-1] if scale != 1.0 else text) * scale
-        except ValueError:
-            raise ConfigError(
-                f"{key}={value} is not a count; give a number such as 2e9 or with a suffix: 2B, 500M, 10k"
-            ) from None
-    _check(number >= 0 and math.isfinite(number), f"{key}={value} must be a count of 0 or more")
-    return number
-
-
-def hf_steps_per_epoch(samples: int, micro_batch_size: int, world_size: int, grad_accum_steps: int) -> int:
-    """Optimizer steps in one epoch, as the Hugging Face Trainer counts them (transformers 5.x,
-    ``Trainer.set_initial_training_values``): ``ceil(len(dataloader) / grad_accum_steps)``, at least 1,
-    where each rank's dataloader holds ``ceil(ceil(samples / micro_batch_size) / world_size)`` batches
-    (the last ones partial; accelerate's even batches). A final partial accumulation window counts as a
-    step, as there.
-    """
-    per_rank = math.ceil(math.ceil(samples / micro_batch_size) / world_size)
-    return max(math.ceil(per_rank / grad_accum_steps), 1)
-
-
-@dataclass(frozen=True)
-class Batching:
-    """What one optimizer step takes (a fixed global batch), and how many steps an epoch holds: what a
-    length in tokens, samples or epochs becomes in steps."""
-
-    seq_len: int
-    """Predicted tokens per sample (train.seq_len)."""
-    micro_batch_size: int
-    grad_accum_steps: int
-    world_size: int
-    samples_per_epoch: int | None = None
-    """Training samples (windows of seq_len + 1 tokens) in one pass; None before the data is built."""
-
-    @property
-    def global_batch(self) -> int:
-        """Samples (sequences) per optimizer step, over all ranks and micro-batches."""
-        return self.micro_batch_size * self.grad_accum_steps * self.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Predicted tokens per optimizer step, over all ranks."""
-        return self.global_batch * self.seq_len
-
-    def steps_per_epoch(self, key: str) -> int:
-        """Optimizer steps in one epoch, as the Hugging Face Trainer counts them (:func:`hf_steps_per_epoch`).
-
-        Raises:
-            NeedsData: the data is not built yet (``key`` names the length that needs it).
-        """
-        if self.samples_per_epoch is None:
-            raise NeedsData(
-                f"{key} is counted in epochs, and an epoch's size is known once the data is built: the trainer "
-                "counts it then; to preview the schedule, give the length in steps, tokens or samples"
-            )
-        return hf_steps_per_epoch(
-            self.samples_per_epoch, self.micro_batch_size, self.world_size, self.grad_accum_steps
-        )
-
-    def to_steps(self, value: float, unit: str, key: str) -> int:
-        """``value`` in ``unit`` (steps, tokens, samples or epochs) as whole optimizer steps, rounded up.
-
-        Raises:
-            ConfigError: an unknown unit. NeedsData: epochs before the data is built.
-        """
-        if unit == "steps":
-            return math.ceil(value)
-        if unit == "tokens":
-            return math.ceil(value / self.tokens_per_step)
-        if unit == "samples":
-            return math.ceil(value / self.global_batch)
-        if unit == "epochs":
-            return math.ceil(value * self.steps_per_epoch(key))
-        raise ConfigError(f"{key}: {unit} is not a unit of length; use steps, tokens, samples or epochs")

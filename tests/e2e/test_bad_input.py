@@ -19,7 +19,7 @@ from tests.helpers import own_lines, ramp_env, run_ramp, snapshot
         (["model=gpt9"], "model/gpt9"),
         (
             ["train.max_steps=20", "schedule.warmup_steps=50"],
-            "schedule.warmup_steps=50 exceeds train.max_steps=20",
+            "schedule.warmup_steps=50 exceeds the run's 20 steps",
         ),
         (["schedule.warmup_ratio=1.5"], "schedule.warmup_ratio"),
         (["optim.lr=0"], "optim.lr"),
@@ -31,7 +31,10 @@ from tests.helpers import own_lines, ramp_env, run_ramp, snapshot
             "train.max_tokens and train.epochs each give the run's length",
         ),
         (["train.max_tokens=2Q"], "train.max_tokens=2Q is not a count"),
-        (["train.max_steps=5", "schedule.warmup_tokens=1M"], "exceeds train.max_steps=5"),
+        (
+            ["train.max_steps=5", "schedule.warmup_tokens=1M"],
+            "schedule.warmup_tokens=1M (489 steps) exceeds the run's 5 steps",
+        ),
     ],
 )
 def test_bad_config_fails_with_one_clear_message(
@@ -86,6 +89,7 @@ def test_bad_config_under_torchrun_is_reported_once(tmp_path: Path, cache_dir: P
     assert result.returncode != 0
     errors = [line for line in own_lines(result.stderr) if line.startswith("ramp: error:")]
     assert errors == [
-        "ramp: error: schedule.warmup_steps=11 exceeds train.max_steps=10; lower it or use schedule.warmup_ratio"
+        "ramp: error: schedule.warmup_steps=11 exceeds the run's 10 steps (train.max_steps=10); lower it, "
+        "lengthen the run or use schedule.warmup_ratio"
     ]
     assert not (tmp_path / "outputs").exists()

@@ -11,8 +11,9 @@ import torch
 
 from trainer.config import compose
 from trainer.distributed import DistInfo
+from trainer.durations import Batching, hf_steps_per_epoch, parse_count
 from trainer.errors import ConfigError
-from trainer.schedules import SCHEDULES, Batching, build_schedule, hf_steps_per_epoch, parse_count
+from trainer.schedules import SCHEDULES, build_schedule
 from trainer.testing import run_distributed
 
 REQUIRED: dict[str, dict[str, Any]] = {
@@ -90,7 +91,7 @@ def test_epochs_are_counted_in_steps_as_the_hf_trainer_counts_them(world_size: i
         per_epoch = hf_steps_per_epoch(samples, micro, world_size, accum)
         ours = Batching(64, micro, accum, world_size, samples)
         for steps_per_epoch, max_steps in expected:
-            assert (per_epoch, ours.to_steps(epochs, "epochs", "train.epochs")) == (
+            assert (per_epoch, ours.to_units(epochs, "epochs", "train.epochs")) == (
                 steps_per_epoch,
                 max_steps,
             )
@@ -116,7 +117,7 @@ def test_a_warmup_in_tokens_samples_or_epochs_is_exactly_the_warmup_in_steps(nam
             SCHEDULES[name](**REQUIRED.get(name, {}), **{key: value}),
             max_steps=120,
             peak_lr=6e-4,
-            batching=BATCHING,
+            clock=BATCHING,
         )
         assert schedule.warmup_steps == warmup, key
         assert [schedule.lr(step) for step in range(1, 121)] == expected, key
@@ -162,9 +163,12 @@ def test_max_steps_wins_over_epochs_and_no_length_means_300_steps() -> None:
         (["train.max_tokens=2Q"], ["train.max_tokens=2Q"]),
         (
             ["train.max_steps=10", "schedule.warmup_tokens=1B"],
-            ["schedule.warmup_steps=", "train.max_steps=10"],
+            ["schedule.warmup_tokens=1B (", "exceeds the run's 10 steps"],
         ),
-        (["train.max_steps=10", "schedule.warmup_samples=10000"], ["exceeds train.max_steps=10"]),
+        (
+            ["train.max_steps=10", "schedule.warmup_samples=10000"],
+            ["schedule.warmup_samples=10000 (", "exceeds the run's 10 steps"],
+        ),
         (
             ["schedule.warmup_steps=5", "schedule.warmup_tokens=1M"],
             ["schedule.warmup_steps", "schedule.warmup_tokens"],

@@ -199,7 +199,7 @@ def test_polynomial_warmup_equal_to_max_steps_is_refused() -> None:
         transformers_lrs("polynomial", 10, 10)
     with pytest.raises(ConfigError, match=r"schedule\.warmup_steps") as excinfo:
         make_schedule("polynomial", 10, warmup_steps=10)
-    assert "train.max_steps" in str(excinfo.value)
+    assert "the run's 10 steps" in str(excinfo.value)
 
 
 # Schedules whose warmup rises linearly from 0 (wsd with its default linear warmup and no floor).
@@ -336,8 +336,8 @@ def error_case(
 @pytest.mark.parametrize(
     ("name", "max_steps", "peak_lr", "keys", "needles"),
     [
-        error_case("linear", "schedule.warmup_steps", "train.max_steps", warmup_steps=101),
-        error_case("cosine", "schedule.warmup_steps", "train.max_steps", max_steps=5, warmup_steps=6),
+        error_case("linear", "schedule.warmup_steps", "the run's 100 steps", warmup_steps=101),
+        error_case("cosine", "schedule.warmup_steps", "the run's 5 steps", max_steps=5, warmup_steps=6),
         error_case("linear", "schedule.warmup_steps", warmup_steps=-1),
         error_case("linear", "schedule.warmup_ratio", warmup_ratio=-0.1),
         error_case("linear", "schedule.warmup_ratio", warmup_ratio=1.5),
@@ -350,7 +350,7 @@ def error_case(
         error_case(
             "warmup_stable_decay",
             "stable (71)",
-            "train.max_steps",
+            "the run's 100 steps",
             warmup_steps=10,
             num_decay_steps=20,
             num_stable_steps=71,

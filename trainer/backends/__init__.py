@@ -60,6 +60,12 @@ class Backend(ABC):
         """A context for one micro-batch's forward and backward; gradients sync only when ``last``."""
         return contextlib.nullcontext()
 
+    def set_global_batch(self, global_batch: int) -> None:
+        """The global batch (samples) of the steps from now on, before their first micro-batch: called
+        when train.batch_schedule changes it. The loop counts the micro-batches itself, so a backend that
+        keeps no count of its own has nothing to do."""
+        return None
+
     def autocast(self) -> AbstractContextManager[Any]:
         """A context for the forward pass in the configured precision (none by default)."""
         return contextlib.nullcontext()

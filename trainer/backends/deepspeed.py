@@ -10,7 +10,8 @@ The engine owns backward, gradient reduction, clipping and the optimizer step. r
   ramp's micro-batches (a skipped step included).
 - **The loss.** Each micro-batch backpropagates its share of the step's token-weighted mean, exactly
   as with DDP; ``engine.backward(scale_wrt_gas=False)`` keeps DeepSpeed from dividing it again.
-- **Batch sizes, clipping, precision.** Built from ``train.*``; ``backend.extra`` may add any other
+- **Batch sizes, clipping, precision.** Built from ``train.*`` (a ``train.batch_schedule`` then changes
+  the batch through ``engine.set_train_batch_size``); ``backend.extra`` may add any other
   DeepSpeed key, never one of these (``DeepSpeedBackend.check`` in :mod:`trainer.config`).
 - **Non-finite updates.** With ZeRO 1-3, bf16 or fp16, DeepSpeed's optimizer wrapper computes the
   global norm of the reduced gradients inside ``engine.step()`` and skips the update itself when it
@@ -67,6 +68,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict: ramp's keys, then ``backend.extra`` (checked by its schema)."""
     b, t = cfg.backend, cfg.train
     assert isinstance(b, DeepSpeedConfig)
+    first = cfg.batching(world_size)  # the first step's batch; train.batch_schedule may change it later
     zero: dict[str, Any] = {"stage": b.zero_stage}
     if b.offload_optimizer != Offload.none:
         zero["offload_optimizer"] = {"device": b.offload_optimizer.value}
@@ -74,8 +76,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         zero["offload_param"] = {"device": b.offload_params.value}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": first.grad_accum(1),
+        "train_batch_size": first.batch_of(1),
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
     }
@@ -218,6 +220,11 @@ class DeepSpeedBackend(Backend):
         """Tell the engine whether this micro-batch ends the step: it reduces gradients only then."""
         self.engine.set_gradient_accumulation_boundary(last)
         return contextlib.nullcontext()
+
+    def set_global_batch(self, global_batch: int) -> None:
+        """``engine.set_train_batch_size``: DeepSpeed's supported way to change the accumulation count
+        (the micro-batch stays; its config's batch and accumulation follow the batch schedule)."""
+        self.engine.set_train_batch_size(global_batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         """``engine.backward`` without DeepSpeed's own division by the accumulation count."""

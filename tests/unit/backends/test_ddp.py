@@ -84,7 +84,7 @@ def _one_loop_step_with_three_micro_batches(info: DistInfo, cache: str, run_dir:
         after.append((len(all_reduces), _same_on_all_ranks(_grads(backend.module))))
 
     backend.backward = observed_backward  # type: ignore[method-assign]
-    trainer.train_step()
+    trainer.train_step(trainer.clock.grad_accum(1))
     _, applied = backend.step()
     return {
         "after": after,

@@ -207,8 +207,8 @@ def test_schedule_plot_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "schedule_plot: error: schedule.warmup_steps=500 exceeds train.max_steps=100; "
-        "lower it or use schedule.warmup_ratio"
+        "schedule_plot: error: schedule.warmup_steps=500 exceeds the run's 100 steps (train.max_steps=100); "
+        "lower it, lengthen the run or use schedule.warmup_ratio"
     ]
     assert not list(tmp_path.iterdir())
 

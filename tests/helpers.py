@@ -351,3 +351,33 @@ def tiny_trainer(config: Any, info: Any, run_dir: Path) -> tuple[Any, Any]:
         info.is_main, run_dir, {"run": {"name": "t"}}, config.logger, config.train.max_steps, 0
     )
     return Trainer(config, info, backend, data, config.lr_schedule, run_dir, {}), recorder
+
+
+def simulated_batches(stages: list[tuple[int, int]], seq_len: int, max_steps: int) -> list[int]:
+    """Each step's global batch, step by step: the last stage whose start the tokens trained on before the
+    step have reached (Megatron-LM's update_num_microbatches(consumed_samples) rule)."""
+    batches, tokens = [], 0
+    for _ in range(max_steps):
+        batch = [b for start, b in stages if start <= tokens][-1]
+        batches.append(batch)
+        tokens += batch * seq_len
+    return batches
+
+
+def megatron_lrs(batches: list[int], peak: float, **scheduler: Any) -> list[float]:
+    """The LR Megatron-LM's OptimizerParamScheduler (megatron-core 0.16) sets after each iteration's
+    ``step(increment=global batch)``: its ``get_lr`` at the samples consumed so far, which is where ramp
+    evaluates the step that consumed them."""
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    defaults = {"init_lr": 0.0, "min_lr": 0.0, "start_wd": 0.0, "end_wd": 0.0, "wd_incr_style": "constant"}
+    megatron = OptimizerParamScheduler(
+        optimizer, max_lr=peak, wd_incr_steps=sum(batches), **{**defaults, **scheduler}
+    )
+    lrs = []
+    for batch in batches:
+        megatron.step(increment=batch)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs

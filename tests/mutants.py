@@ -161,6 +161,27 @@ MUTANTS = [
         (f"{UNIT}/test_durations.py",),
     ),
     Mutant(
+        "under a batch schedule, the LR schedule run on steps instead of samples",
+        "trainer/schedules.py",
+        "        value = float(self.multiplier_fn(self.clock.clock(step)))",
+        "        value = float(self.multiplier_fn(step))",
+        (f"{UNIT}/test_durations.py",),
+    ),
+    Mutant(
+        "a batch stage chosen by the tokens after the step instead of before it",
+        "trainer/durations.py",
+        "            short = following.start_tokens - samples * self.seq_len",
+        "            short = following.start_tokens - (samples + stage.global_batch) * self.seq_len",
+        (f"{UNIT}/test_durations.py",),
+    ),
+    Mutant(
+        "a batch change reaching the data one step late",
+        "trainer/loop.py",
+        "            loss_sum, tokens = self.train_step(self.clock.grad_accum(attempted + 1))",
+        "            loss_sum, tokens = self.train_step(self.clock.grad_accum(max(attempted, 1)))",
+        (f"{E2E}/test_durations.py::test_a_batch_schedule_trains_each_stage_at_megatrons_sample_based_lr",),
+    ),
+    Mutant(
         "the open log interval not restored on resume",
         "trainer/resume.py",
         '            meter.load_state_dict(rank_state["meter"])',

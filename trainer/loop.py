@@ -246,11 +246,11 @@ class Trainer:
         for segment in clock.segments_until(schedule.max_steps):
             accum = segment.global_batch // (t.micro_batch_size * world)
             log.info(
-                "ramp | from step %d (%s tokens): %d sequences a step = %d tokens (%d x %d x %d ranks x %d accum)",
+                "ramp | from step %d (%s tokens): %d sequences a step = %s tokens (%d x %d x %d ranks x %d accum)",
                 segment.first_step,
                 f"{segment.samples_before * t.seq_len:,}",
                 segment.global_batch,
-                segment.global_batch * t.seq_len,
+                f"{segment.global_batch * t.seq_len:,}",
                 t.micro_batch_size,
                 t.seq_len,
                 world,

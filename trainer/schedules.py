@@ -7,6 +7,13 @@ above 0 during warmup. A plain PyTorch loop that calls ``optimizer.step(); sched
 step ``k`` at ``f(k - 1)``, so its first step runs at LR 0; ramp's curve is that curve moved one step
 earlier.
 
+The schedule's argument is its *clock* (:mod:`trainer.durations`): the global step with a fixed batch,
+where a length in tokens, samples or epochs becomes whole steps and the run is exactly the run given
+in steps; the samples trained on under ``train.batch_schedule``, where every length is counted in
+samples and step ``k`` trains at ``f(samples after k)``, as Megatron-LM's sample-based
+``OptimizerParamScheduler`` (megatron-core 0.16) does after ``k`` increments, so the curve runs on
+through every batch change.
+
 Past ``max_steps`` every schedule holds its value at ``max_steps`` (a cosine never rises again).
 The formulas below repeat transformers' arithmetic operation for operation, so the values agree
 to the last bit; tests compare them at every step.
@@ -15,7 +22,7 @@ Each schedule is one class: its name, its own keys (each documented where it is 
 checks and its multiplier. :func:`register` adds it to :data:`SCHEDULES`, from which the Hydra
 schemas, the README's key table and the tests are all derived. Adding a schedule means adding one
 class here and one YAML file under ``conf/schedule/``. This module imports neither torch nor any
-other part of ramp but its errors and the key declaration.
+other part of ramp but its errors, the key declaration and the durations.
 """
 
 from __future__ import annotations

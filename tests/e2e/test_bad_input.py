@@ -26,6 +26,21 @@ from tests.helpers import own_lines, ramp_env, run_ramp, snapshot
         (["train.seq_len=4096"], "model.max_position_embeddings"),
         (["run.resume=/no/such/checkpoint"], "run.resume"),
         (["logger.wandb.mode=sometimes"], "logger.wandb.mode"),
+    ],
+)
+def test_bad_config_fails_with_one_clear_message(
+    overrides: list[str], named: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, nproc=0, timeout=120)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "outputs").exists(), "a failed start must not create the run folder"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
         (
             ["train.max_tokens=2B", "train.epochs=1"],
             "train.max_tokens and train.epochs each give the run's length",
@@ -35,14 +50,41 @@ from tests.helpers import own_lines, ramp_env, run_ramp, snapshot
             ["train.max_steps=5", "schedule.warmup_tokens=1M"],
             "schedule.warmup_tokens=1M (489 steps) exceeds the run's 5 steps",
         ),
+        (
+            ["train.max_samples=100", "train.max_tokens=1M"],
+            "train.max_tokens and train.max_samples each give",
+        ),
+        (["schedule.warmup_tokens=1X"], "schedule.warmup_tokens=1X is not a count"),
+        (
+            ["train.max_tokens=1M", "schedule.warmup_tokens=2M"],
+            "schedule.warmup_tokens=2M (977 steps) exceeds the run's 489 steps (train.max_tokens=1M)",
+        ),
+        (
+            ["train.max_steps=5", "schedule.warmup_epochs=2"],
+            "schedule.warmup_epochs=2.0 (30512 steps) exceeds the run's 5 steps",
+        ),
+        (
+            ["train.batch_schedule=0:8 1M:18"],
+            "train.batch_schedule: a global batch of 18 is not a multiple of",
+        ),
+        (["train.batch_schedule=0:8 2M:16 1M:32"], "the stages must be in increasing tokens"),
+        (["train.batch_schedule=0:8 1M:16", "train.grad_accum_steps=2"], "train.grad_accum_steps"),
+        (
+            ["train.batch_schedule=0:8 1M:16", "train.max_steps=5", "schedule.warmup_samples=1k"],
+            "schedule.warmup_samples=1k (1000 samples) exceeds the run's 40 samples (train.max_steps=5)",
+        ),
     ],
 )
-def test_bad_config_fails_with_one_clear_message(
+def test_a_bad_length_or_batch_schedule_is_one_ramp_error_and_exit_2(
     overrides: list[str], named: str, tmp_path: Path, cache_dir: Path
 ) -> None:
+    """Two run lengths, a count in no unit, a warmup longer than the run in any unit, a batch the ranks'
+    micro-batches cannot make, stages not increasing in tokens."""
     result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, nproc=0, timeout=120)
-    assert result.returncode != 0
-    assert named in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ramp: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert named in errors[0]
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "outputs").exists(), "a failed start must not create the run folder"
 

@@ -3,14 +3,25 @@ given in steps, and the records say where each step stands in every unit."""
 
 from __future__ import annotations
 
+import itertools
+import random
 import subprocess
 import sysconfig
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import read_metrics, run_ramp
+from tests.helpers import (
+    kill_job,
+    launch_ramp,
+    megatron_lrs,
+    read_metrics,
+    run_ramp,
+    simulated_batches,
+    train_steps,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +87,113 @@ def test_a_run_in_epochs_is_the_run_in_the_steps_the_hf_trainer_counts(
     )
     assert series(tmp_path / "outputs" / "epochs") == series(tmp_path / "outputs" / "steps")
     assert 0.45 < records[-1]["epoch"] < 0.55  # half a pass over the training samples
+
+
+# --- train.batch_schedule: 2 ranks x 4 sequences x 64 tokens; 8 sequences a step, 16 from 2,048 tokens (step
+# 5), 32 from 5,000 tokens (step 8).
+STAGES = [(0, 8), (2000, 16), (5000, 32)]
+RAMP_STEPS = 12
+RAMP = [
+    *COMMON,
+    "train.batch_schedule=0:8 2k:16 5k:32",
+    f"train.max_steps={RAMP_STEPS}",
+    "schedule=cosine",
+    "schedule.warmup_tokens=1k",
+    "train.ckpt_every=1",
+    "run.name=ramp",
+]
+
+
+@pytest.fixture(scope="module")
+def ramp_reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, str]:
+    cwd = tmp_path_factory.mktemp("ramp-reference")
+    result = ok(run_ramp(RAMP, cwd=cwd, cache_dir=cache_dir))
+    return cwd / "outputs" / "ramp", result.stdout
+
+
+def test_a_batch_schedule_trains_each_stage_at_megatrons_sample_based_lr(
+    ramp_reference: tuple[Path, str],
+) -> None:
+    run_dir, stdout = ramp_reference
+    records = read_metrics(run_dir)[0]
+    batches = simulated_batches(STAGES, 64, RAMP_STEPS)
+    assert batches == [8] * 4 + [16] * 3 + [32] * 5
+    assert [r["global_batch"] for r in records] == batches
+    samples = list(itertools.accumulate(batches))
+    assert [(r["samples"], r["tokens"]) for r in records] == [(s, 64 * s) for s in samples]
+    # the sampler handed out exactly the samples claimed: the fraction of the pass grows with them
+    assert [r["epoch"] / r["samples"] for r in records] == pytest.approx(
+        [records[0]["epoch"] / 8] * RAMP_STEPS
+    )
+    reference = megatron_lrs(
+        batches, 6e-4, lr_decay_style="cosine", lr_warmup_steps=16, lr_decay_steps=samples[-1]
+    )
+    for record, expected in zip(records, reference, strict=True):
+        assert record["lr"] == pytest.approx(expected, rel=1e-12)
+        assert record["lr/decay"] == record["lr"]  # what the optimizer stepped with
+    assert (
+        "from step 5 (2,048 tokens): 16 sequences a step = 1,024 tokens (4 x 64 x 2 ranks x 2 accum)"
+        in stdout
+    )
+    assert (
+        "from step 8 (5,120 tokens): 32 sequences a step = 2,048 tokens (4 x 64 x 2 ranks x 4 accum)"
+        in stdout
+    )
+
+
+def test_a_batch_schedule_run_killed_around_its_batch_changes_resumes_bit_identical(
+    tmp_path: Path, cache_dir: Path, ramp_reference: tuple[Path, str]
+) -> None:
+    """SIGKILL the 2-rank job right after each batch change (steps 5 and 8) and at random moments."""
+    run_dir, log = tmp_path / "outputs" / "ramp", tmp_path / "job.log"
+    rng = random.Random(15)
+    for moment in (5, 8, "random", "random"):
+        proc = launch_ramp(RAMP, cwd=tmp_path, cache_dir=cache_dir, log=log)
+        try:
+            if moment == "random":
+                time.sleep(rng.uniform(0.5, 6.0))
+            else:
+                deadline = time.monotonic() + 180
+                while train_steps(run_dir) < int(moment):
+                    assert proc.poll() is None, log.read_text()[-3000:]
+                    assert time.monotonic() < deadline, log.read_text()[-3000:]
+                    time.sleep(0.01)
+            kill_job(proc)
+        finally:
+            if proc.poll() is None:
+                kill_job(proc)
+    ok(run_ramp(RAMP, cwd=tmp_path, cache_dir=cache_dir))
+    assert series(run_dir) == series(ramp_reference[0])
+
+
+DEEPSPEED_RAMP = [*RAMP, "backend=deepspeed", "backend.zero_stage=1", "train.ckpt_every=3", "run.name=ds"]
+
+
+def test_deepspeed_follows_the_batch_schedule_and_resumes_across_a_change_exactly(
+    tmp_path: Path, cache_dir: Path, ramp_reference: tuple[Path, str]
+) -> None:
+    (tmp_path / "unbroken").mkdir()
+    ok(run_ramp(DEEPSPEED_RAMP, cwd=tmp_path / "unbroken", cache_dir=cache_dir))
+    unbroken = tmp_path / "unbroken" / "outputs" / "ds"
+    ddp = read_metrics(ramp_reference[0])[0]
+    records = read_metrics(unbroken)[0]
+    assert [(r["lr"], r["global_batch"], r["tokens"]) for r in records] == [
+        (r["lr"], r["global_batch"], r["tokens"]) for r in ddp
+    ]
+    # the same micro-batches accumulated into each step as on DDP: the same losses up to rounding
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in ddp], rel=1e-4)
+    run_dir, log = tmp_path / "outputs" / "ds", tmp_path / "job.log"
+    proc = launch_ramp(DEEPSPEED_RAMP, cwd=tmp_path, cache_dir=cache_dir, log=log)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "step_6").exists():  # inside the second stage
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+        kill_job(proc)
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    result = ok(run_ramp(DEEPSPEED_RAMP, cwd=tmp_path, cache_dir=cache_dir))
+    assert "resuming from outputs/ds/checkpoints/step_" in result.stdout
+    assert series(run_dir) == series(unbroken)

@@ -3,15 +3,19 @@ length in steps they convert to; epochs counted as the Hugging Face Trainer coun
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
+import random
 from typing import Any
 
 import pytest
 import torch
 
+from tests.helpers import megatron_lrs, simulated_batches
 from trainer.config import compose
 from trainer.distributed import DistInfo
-from trainer.durations import Batching, hf_steps_per_epoch, parse_count
+from trainer.durations import Batching, BatchRamp, hf_steps_per_epoch, parse_batch_schedule, parse_count
 from trainer.errors import ConfigError
 from trainer.schedules import SCHEDULES, build_schedule
 from trainer.testing import run_distributed
@@ -193,3 +197,147 @@ def test_warmup_can_start_from_a_floor_as_megatron_does() -> None:
         assert floor.lr(step) == pytest.approx(1e-4 + (6e-4 - 1e-4) * step / 10, rel=1e-12)
     assert [floor.lr(k) for k in range(10, 101)] == [plain.lr(k) for k in range(10, 101)]
     assert math.isclose(floor.lr(1), 1.5e-4)
+
+
+# --- train.batch_schedule -------------------------------------------------------------------------------
+
+
+def test_the_batch_ramp_follows_the_tokens_trained_on_step_by_step() -> None:
+    rng = random.Random(15)
+    for _ in range(200):
+        micro, world, seq_len = rng.choice([1, 2, 4]), rng.choice([1, 2, 3]), rng.choice([16, 64, 100])
+        batches = sorted(rng.sample(range(1, 9), rng.randint(1, 4)))
+        starts = [0, *sorted(rng.sample(range(1, 20_000), len(batches) - 1))]
+        stages = [(start, b * micro * world) for start, b in zip(starts, batches, strict=True)]
+        text = " ".join(f"{start}:{b}" for start, b in stages)
+        ramp = BatchRamp(parse_batch_schedule(text), seq_len, micro, world)
+        expected = simulated_batches(stages, seq_len, 150)
+        samples = list(itertools.accumulate(expected))
+        assert [ramp.batch_of(k) for k in range(1, 151)] == expected, text
+        assert [ramp.grad_accum(k) for k in range(1, 151)] == [b // (micro * world) for b in expected]
+        assert [ramp.samples_after(k) for k in range(1, 151)] == samples, text
+        assert [ramp.clock(k) for k in range(1, 151)] == samples
+        for units in rng.sample(range(1, samples[-1]), 20):
+            assert ramp.steps_until(units) == 1 + bisect.bisect_left(samples, units), (text, units)
+        first_steps = [1] + [k + 1 for k in range(1, 150) if expected[k] != expected[k - 1]]
+        assert [s.first_step for s in ramp.segments_until(150)] == first_steps, text
+
+
+def test_the_batch_schedule_reads_megatrons_form_and_counts_in_samples() -> None:
+    ramp = BatchRamp(parse_batch_schedule("0:8 2k:16 5k:32"), seq_len=64, micro_batch_size=4, world_size=2)
+    assert [(s.first_step, s.samples_before, s.global_batch) for s in ramp.segments] == [
+        (1, 0, 8),  # 4 steps of 512 tokens reach 2,048
+        (5, 32, 16),  # 3 steps of 1,024 tokens reach 5,120
+        (8, 80, 32),
+    ]
+    assert [ramp.grad_accum(k) for k in (4, 5, 7, 8, 100)] == [1, 2, 2, 4, 4]
+    assert ramp.to_units(2.5e3, "tokens", "schedule.warmup_tokens") == 40  # whole samples, rounded up
+    assert ramp.to_units(5, "steps", "schedule.warmup_steps") == 48
+    assert ramp.run_steps(5120, "tokens", "train.max_tokens") == 7
+    assert ramp.run_steps(5121, "tokens", "train.max_tokens") == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("0:8 2k:16 1k:32", "increasing tokens"),
+        ("0:8 2k:16 2k:32", "increasing tokens"),
+        ("1k:8 2k:16", "must start at 0 tokens"),
+        ("0-8", "is not TOKENS:BATCH"),
+        ("0:8.5", "whole number"),
+        ("0:0", "whole number"),
+        ("0:8 2X:16", "is not a count"),
+        ("", "must start at 0 tokens"),
+    ],
+)
+def test_a_batch_schedule_that_is_not_one_is_refused_naming_the_key(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=r"train\.batch_schedule") as excinfo:
+        parse_batch_schedule(text)
+    assert needle in str(excinfo.value)
+
+
+def test_a_batch_that_micro_batches_on_every_rank_cannot_make_is_refused() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        compose(["train.micro_batch_size=4", "train.batch_schedule=0:8 1M:12"]).schedule_for(2)
+    assert "train.batch_schedule: a global batch of 12 is not a multiple of" in str(excinfo.value)
+    assert "4 x 2 = 8" in str(excinfo.value)
+    with pytest.raises(ConfigError, match=r"train\.grad_accum_steps"):
+        compose(["train.grad_accum_steps=2", "train.batch_schedule=0:8 1M:16"])
+
+
+RAMP = ["train.seq_len=64", "train.micro_batch_size=4", "train.batch_schedule=0:8 2k:16 5k:32 20k:64"]
+RAMP_BATCHES = simulated_batches([(0, 8), (2000, 16), (5000, 32), (20000, 64)], 64, 60)
+RAMP_SAMPLES = sum(RAMP_BATCHES)
+WARMUP = math.ceil(3000 / 64)  # schedule.warmup_tokens=3k, in whole samples
+DECAY = math.ceil(30_000 / 64)  # schedule.decay_tokens=30k
+
+
+@pytest.mark.parametrize(
+    ("overrides", "megatron"),
+    [
+        (["schedule=linear"], {"lr_decay_style": "linear"}),
+        (["schedule=cosine"], {"lr_decay_style": "cosine"}),
+        (
+            ["schedule=cosine_with_min_lr", "schedule.min_lr_rate=0.1"],
+            {"lr_decay_style": "cosine", "min_lr": 6e-5},
+        ),
+        (
+            ["schedule=linear", "schedule.warmup_start_lr=1e-4"],
+            {"lr_decay_style": "linear", "init_lr": 1e-4},
+        ),
+        *[
+            (
+                [
+                    "schedule=warmup_stable_decay",
+                    "schedule.decay_tokens=30k",
+                    f"schedule.decay_type={ours}",
+                    "schedule.warmup_type=linear",
+                    "schedule.min_lr_ratio=0.05",
+                ],
+                {
+                    "lr_decay_style": "WSD",
+                    "lr_wsd_decay_style": theirs,
+                    "wsd_decay_steps": DECAY,
+                    "init_lr": 3e-5,
+                    "min_lr": 3e-5,
+                },
+            )
+            for ours, theirs in [("linear", "linear"), ("cosine", "cosine"), ("1-sqrt", "minus_sqrt")]
+        ],
+    ],
+)
+def test_with_a_batch_schedule_every_step_has_megatrons_sample_based_lr(
+    overrides: list[str], megatron: dict[str, Any]
+) -> None:
+    cfg = compose([*RAMP, "train.max_steps=60", "optim.lr=6e-4", "schedule.warmup_tokens=3k", *overrides])
+    schedule = cfg.schedule_for(2)
+    reference = megatron_lrs(
+        RAMP_BATCHES, 6e-4, lr_warmup_steps=WARMUP, lr_decay_steps=RAMP_SAMPLES, **megatron
+    )
+    ours = [schedule.lr(k) for k in range(1, 61)]
+    assert len(set(RAMP_BATCHES)) == 4  # the run goes through every stage
+    for step, (lr, expected) in enumerate(zip(ours, reference, strict=True), start=1):
+        assert abs(lr - expected) <= 1e-12 * abs(expected), (step, lr, expected)
+    assert ours[0] > 0  # step 1 trains past the warmup's first sample
+
+
+def test_batch_lr_scaling_multiplies_by_the_batch_ratio() -> None:
+    """sqrt: the LR times sqrt(batch / first batch), as OLMo-core's BatchSizeSchedulerCallback scales it."""
+    common = [*RAMP, "train.max_steps=60", "schedule=cosine", "schedule.warmup_tokens=3k"]
+    plain = compose(common).schedule_for(2)
+    for scaling, factor in [("sqrt", math.sqrt), ("linear", lambda r: r)]:
+        scaled = compose([*common, f"schedule.batch_lr_scaling={scaling}"]).schedule_for(2)
+        for step in range(1, 61):
+            ratio = RAMP_BATCHES[step - 1] / 8
+            assert scaled.lr(step) == pytest.approx(plain.lr(step) * factor(ratio), rel=1e-12)
+    with pytest.raises(ConfigError, match=r"schedule\.batch_lr_scaling=sqrt"):
+        compose(["schedule.batch_lr_scaling=sqrt"])
+
+
+def test_one_batch_stage_is_the_fixed_batch_in_samples() -> None:
+    common = ["train.seq_len=64", "train.micro_batch_size=4", "train.max_steps=50", "schedule=cosine"]
+    fixed = compose([*common, "train.grad_accum_steps=2", "schedule.warmup_steps=10"]).schedule_for(2)
+    ramp = compose([*common, "train.batch_schedule=0:16", "schedule.warmup_samples=160"]).schedule_for(2)
+    assert ramp.warmup_steps == fixed.warmup_steps == 10
+    for step in range(1, 51):
+        assert ramp.lr(step) == pytest.approx(fixed.lr(step), rel=1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
 import sys
@@ -190,9 +191,72 @@ def test_schedule_plot_cli_prints_key_values_without_building_a_model(tmp_path: 
     assert lines[1].split() == ["warmup", "end", "step", "100", "lr", "6.0000e-04"]
     assert lines[2].split() == ["peak", "step", "100", "lr", "6.0000e-04"]
     assert lines[3].split() == ["end", "step", "1000", "lr", "6.0000e-05"]  # min_lr_ratio 0.1
-    assert lines[4] == "wrote lr_warmup_stable_decay.png"
-    assert lines[5] == "imported: []"
+    # 8 sequences of 256 tokens a step on 1 rank
+    assert lines[4].split() == [
+        "length",
+        "step",
+        "1,000",
+        "=",
+        "2,048,000",
+        "tokens",
+        "=",
+        "8,000",
+        "samples",
+    ]
+    assert lines[5].split() == ["warmup", "step", "100", "=", "204,800", "tokens", "=", "800", "samples"]
+    assert lines[6].split() == [
+        "decay",
+        "after",
+        "step",
+        "800",
+        "=",
+        "1,638,400",
+        "tokens",
+        "=",
+        "6,400",
+        "samples",
+    ]
+    assert lines[7] == "batch stages on 1 rank"
+    assert lines[9].split() == ["1", "0", "8", "2,048", "1"]
+    assert lines[10] == "wrote lr_warmup_stable_decay.png"
+    assert lines[11] == "imported: []"
     assert (tmp_path / "lr_warmup_stable_decay.png").stat().st_size > 10_000
+
+
+def test_schedule_plot_with_a_batch_schedule_draws_both_axes_and_prints_the_stages(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """2 ranks x 4 sequences of 64 tokens: 8 sequences a step, 16 from 2,048 tokens, 32 from 5,120."""
+    out = tmp_path / "lr.png"
+    overrides = ["train.seq_len=64", "train.micro_batch_size=4", "train.batch_schedule=0:8 2k:16 5k:32"]
+    overrides += ["train.max_steps=40", "schedule=cosine", "schedule.warmup_tokens=1k"]
+    figure = main([*overrides, "--world-size", "2", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by_step, by_tokens = figure.axes
+    batches = [8] * 4 + [16] * 3 + [32] * 33
+    tokens = [64 * s for s in itertools.accumulate(batches)]
+    schedule = compose(overrides).schedule_for(2)
+    lrs = [schedule.lr(k) for k in range(1, 41)]
+    for axes, xs in ((by_step, list(range(1, 41))), (by_tokens, tokens)):
+        (line,) = [line for line in axes.lines if line.get_label() == "lr"]
+        assert list(np.asarray(line.get_xdata())) == xs
+        assert list(np.asarray(line.get_ydata())) == lrs
+    marks = {
+        axes.get_xlabel(): [
+            float(np.asarray(line.get_xdata())[0]) for line in axes.lines if line.get_color() == "tab:orange"
+        ]
+        for axes in figure.axes
+    }
+    assert marks == {"global step (optimizer steps)": [5.0, 8.0], "tokens": [2048.0, 5120.0]}
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[4].split() == ["length", "step", "40", "=", "72,704", "tokens", "=", "1,136", "samples"]
+    assert printed[5].split() == ["warmup", "step", "2", "=", "1,024", "tokens", "=", "16", "samples"]
+    assert printed[7].startswith("batch stages on 2 ranks (train.batch_schedule")
+    assert [line.split() for line in printed[9:12]] == [
+        ["1", "0", "8", "512", "1"],
+        ["5", "2,048", "16", "1,024", "2"],
+        ["8", "5,120", "32", "2,048", "4"],
+    ]
 
 
 def test_schedule_plot_rejects_bad_input_with_one_line(tmp_path: Path) -> None:

@@ -182,6 +182,27 @@ MUTANTS = [
         (f"{E2E}/test_durations.py::test_a_batch_schedule_trains_each_stage_at_megatrons_sample_based_lr",),
     ),
     Mutant(
+        "a branch decays from the peak, not from the LR in effect at its step",
+        "trainer/schedules.py",
+        "    start = base(at)\n",
+        "    start = 1.0\n",
+        (f"{UNIT}/test_branches.py",),
+    ),
+    Mutant(
+        "WSD-S: a step at a period's end counted in the next period",
+        "trainer/schedules.py",
+        "    index = bisect.bisect_left(period_ends, step)",
+        "    index = bisect.bisect_right(period_ends, step)",
+        (f"{UNIT}/test_branches.py",),
+    ),
+    Mutant(
+        "train.stop_at ends the run without a checkpoint",
+        "trainer/loop.py",
+        "                (t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == self.end_step",
+        "                (t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == self.schedule.max_steps",
+        (f"{E2E}/test_branches.py::test_stop_at_then_the_same_command_continues_exactly",),
+    ),
+    Mutant(
         "the open log interval not restored on resume",
         "trainer/resume.py",
         '            meter.load_state_dict(rank_state["meter"])',

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import math
 import os
 import typing
 from collections.abc import Iterator, Sequence
@@ -24,9 +26,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from trainer.durations import Batching, BatchRamp, Clock, NeedsData, parse_batch_schedule, parse_count
+from trainer.durations import (
+    Batching,
+    BatchRamp,
+    Clock,
+    NeedsData,
+    parse_batch_schedule,
+    parse_count,
+    parse_length,
+)
 from trainer.errors import ConfigError
-from trainer.schedules import SCHEDULES, Schedule, ScheduleConfig, build_schedule
+from trainer.schedules import SCHEDULES, SHAPES, Schedule, ScheduleConfig, branch_schedule, build_schedule
 from trainer.schema import MISSING, OnResume, on_resume, setting
 
 if typing.TYPE_CHECKING:
@@ -118,6 +128,9 @@ class TrainConfig:
     batch_schedule: str | None = setting(None, on_resume=OnResume.refused)
     """The global batch (sequences) by tokens trained on, e.g. '0:256 2B:512 6B:1024'; reached by the
     number of accumulation micro-batches. The LR schedule then counts samples."""
+    stop_at: Any = setting(None, on_resume=OnResume.applies)
+    """End the run early, with a checkpoint and exit 0, at this many steps (500) or tokens, samples or epochs
+    ('2B tokens'); the schedule keeps its full length, so a later stop_at (or none) continues exactly."""
     seq_len: int = setting(256, on_resume=OnResume.refused)
     """Tokens per sequence (the model sees seq_len inputs and predicts seq_len targets)."""
     seed: int = setting(1337, on_resume=OnResume.refused)
@@ -170,6 +183,9 @@ class TrainConfig:
                 value is None or parse_count(value, f"train.{key}") > 0, f"train.{key}={value} must be > 0"
             )
         _at_least("train", self, ("micro_batch_size", "grad_accum_steps", "seq_len", "log_every"), 1)
+        if self.stop_at is not None:
+            count, _ = parse_length(self.stop_at, "train.stop_at")
+            _require(count > 0, f"train.stop_at={self.stop_at} must be > 0")
         if self.batch_schedule is not None:
             parse_batch_schedule(self.batch_schedule)
             _require(
@@ -190,6 +206,80 @@ class TrainConfig:
         )
         _require(
             self.threads is None or self.threads >= 1, f"train.threads={self.threads} must be at least 1"
+        )
+
+
+BRANCH_DECAY_KEYS = {"decay_steps": "steps", "decay_tokens": "tokens", "decay_samples": "samples"}
+
+
+@dataclass
+class BranchConfig:
+    """A decay branched off a checkpoint: the run continues ``branch.checkpoint`` (weights, optimizer,
+    data position, global step) into a new run folder, follows the schedule up to that step, then decays
+    from the LR in effect there to a floor."""
+
+    checkpoint: str | None = setting(None, on_resume=OnResume.changes_math)
+    """The checkpoint to branch off (a checkpoints/step_<N> folder of any run); its folder is never written."""
+    decay_steps: int | None = setting(None, on_resume=OnResume.changes_math)
+    """The decay's length in steps after the branch step; the run ends there."""
+    decay_tokens: Any = setting(None, on_resume=OnResume.changes_math)
+    """The decay's length in tokens (2B, 500M), rounded up to whole steps (samples under a batch schedule)."""
+    decay_samples: Any = setting(None, on_resume=OnResume.changes_math)
+    """The decay's length in samples."""
+    decay_type: str = setting("1-sqrt", on_resume=OnResume.changes_math)
+    """Shape of the decay: linear, cosine or 1-sqrt (Hägele et al. 2024), as warmup_stable_decay's."""
+    min_lr_ratio: float = setting(0.0, on_resume=OnResume.changes_math)
+    """The floor the decay ends at, as a fraction of optim.lr."""
+
+    def check(self) -> None:
+        """Raises ConfigError: a decay without a checkpoint or the other way round, two lengths, a shape
+        or floor out of range, or a checkpoint folder without a ramp checkpoint's meta.json."""
+        lengths = [f"branch.{key}" for key in BRANCH_DECAY_KEYS if getattr(self, key) is not None]
+        if self.checkpoint is None:
+            _require(
+                not lengths, f"{lengths[0] if lengths else ''} needs branch.checkpoint=<checkpoints/step_N>"
+            )
+            return
+        _require(
+            len(lengths) == 1,
+            f"branch.checkpoint={self.checkpoint} needs one decay length: branch.decay_steps, branch.decay_tokens "
+            "or branch.decay_samples" + (f" (got {' and '.join(lengths)})" if lengths else ""),
+        )
+        _require(
+            self.decay_type in SHAPES, f"branch.decay_type={self.decay_type} must be linear, cosine or 1-sqrt"
+        )
+        _require(
+            0.0 <= self.min_lr_ratio <= 1.0, f"branch.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"
+        )
+        self.step()
+
+    def step(self) -> int:
+        """The global step of ``branch.checkpoint`` (its meta.json).
+
+        Raises:
+            ConfigError: the folder holds no readable ramp checkpoint metadata.
+        """
+        meta = Path(str(self.checkpoint)) / "meta.json"
+        try:
+            return int(json.loads(meta.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f"branch.checkpoint={self.checkpoint} is not a ramp checkpoint (no readable meta.json); point "
+                "it at a checkpoints/step_<N> folder"
+            ) from None
+
+    def decay_length(self) -> tuple[str, float, str]:
+        """(key, count, unit) of the one decay length given.
+
+        Raises:
+            ConfigError: none is given, or it is not a count.
+        """
+        for key, unit in BRANCH_DECAY_KEYS.items():
+            value = getattr(self, key)
+            if value is not None:
+                return f"branch.{key}", parse_count(value, f"branch.{key}"), unit
+        raise ConfigError(
+            "branch: no decay length; set branch.decay_steps, branch.decay_tokens or branch.decay_samples"
         )
 
 
@@ -572,6 +662,8 @@ class Config:
     """Where the run writes and starts from (run.*)."""
     train: TrainConfig = setting(factory=TrainConfig, on_resume=OnResume.refused)
     """Length, batch, cadences and numerics (train.*)."""
+    branch: BranchConfig = setting(factory=BranchConfig, on_resume=OnResume.changes_math)
+    """A decay branched off a checkpoint (branch.*)."""
     model: ModelConfig = setting(MISSING, on_resume=OnResume.refused)
     """The model preset (model=<preset>) and its keys."""
     data: DataConfig = setting(MISSING, on_resume=OnResume.refused)
@@ -593,6 +685,13 @@ class Config:
         """
         self.run.check()
         self.train.check()
+        self.branch.check()
+        _require(
+            self.branch.checkpoint is None
+            or self.run.resume in (ResumeMode.auto.value, ResumeMode.never.value),
+            f"branch.checkpoint and run.resume={self.run.resume} both name where the run starts: keep "
+            "branch.checkpoint for a branch, run.resume for a plain resume",
+        )
         self.model.check()
         self.data.check()
         self.optim.check()
@@ -645,9 +744,36 @@ class Config:
         given = self.train.lengths()
         key = next(iter(given), None)
         length_key = f"{key}={given[key]}" if key else f"train.max_steps default {DEFAULT_STEPS}"
-        return build_schedule(
+        schedule = build_schedule(
             self.schedule, max_steps=max_steps, peak_lr=self.optim.lr, clock=clock, length_key=length_key
         )
+        if self.branch.checkpoint is None:
+            return schedule
+        decay_key, count, unit = self.branch.decay_length()
+        at_step = self.branch.step()
+        _require(count >= 1, f"{decay_key}={count:g} must be at least 1")
+        if unit == "steps":
+            decay = clock.clock(at_step + math.ceil(count)) - clock.clock(at_step)
+        else:
+            decay = clock.to_units(count, unit, decay_key)
+        return branch_schedule(
+            schedule,
+            at_step=at_step,
+            decay=decay,
+            decay_type=self.branch.decay_type,
+            min_lr_ratio=self.branch.min_lr_ratio,
+        )
+
+    def stop_step(self, clock: Clock) -> int | None:
+        """The global step train.stop_at ends the run at (the first that reaches it), or None.
+
+        Raises:
+            ConfigError: not a length. NeedsData: epochs before the data is built.
+        """
+        if self.train.stop_at is None:
+            return None
+        count, unit = parse_length(self.train.stop_at, "train.stop_at")
+        return clock.run_steps(count, unit, "train.stop_at")
 
     @functools.cached_property
     def lr_schedule(self) -> Schedule:

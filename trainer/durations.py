@@ -84,6 +84,27 @@ def _epoch_samples(samples_per_epoch: int | None, key: str) -> int:
 UNITS = ("steps", "tokens", "samples", "epochs")
 
 
+def parse_length(value: object, key: str) -> tuple[float, str]:
+    """A length with its unit: ``1000`` (steps), ``"1000 steps"``, ``"2B tokens"``, ``"5k samples"``,
+    ``"0.5 epochs"`` (the unit may follow the count with or without a space or ``_``).
+
+    Raises:
+        ConfigError: not a count, or a unit other than steps, tokens, samples or epochs, naming ``key``.
+    """
+    text = str(value).strip()
+    for unit in UNITS:
+        for spelling in (unit, unit[:-1]):
+            if text.endswith(spelling) and not text.endswith(f"{spelling}s"):
+                count = text[: -len(spelling)].rstrip(" _")
+                return parse_count(count, key), unit
+    if text and text[-1].isalpha() and text[-1] not in SUFFIXES:
+        raise ConfigError(
+            f"{key}={value}: the unit must be steps, tokens, samples or epochs, e.g. {key}=500 or "
+            f"{key}='2B tokens'"
+        )
+    return parse_count(value, key), "steps"
+
+
 @dataclass(frozen=True)
 class BatchStage:
     """From ``start_tokens`` tokens trained on, each optimizer step takes ``global_batch`` sequences."""

@@ -212,6 +212,8 @@ class Trainer:
 
     clock: Clock = field(init=False)
     """Each step's global batch and samples (a fixed batch, or train.batch_schedule's)."""
+    end_step: int = field(init=False)
+    """Where this process stops: train.max_steps, or train.stop_at before it (the schedule keeps its length)."""
     batches: Batches = field(init=False)
     lr_table: torch.Tensor = field(init=False)
     """On the device: the schedule's LR of global step k at index k (index 0 is unused)."""
@@ -223,6 +225,9 @@ class Trainer:
         self.batches = Batches(self.data.train, self.info.device)
         world, samples = self.info.world_size, self.data.train.num_samples
         self.clock = self.schedule.clock or self.cfg.batching(world, samples)
+        self.end_step = min(
+            self.schedule.max_steps, self.cfg.stop_step(self.clock) or self.schedule.max_steps
+        )
         lrs = [self.schedule.lr(max(step, 1)) for step in range(self.schedule.max_steps + 1)]
         self.lr_table = torch.tensor(lrs, dtype=torch.float64, device=self.info.device)
 
@@ -376,7 +381,7 @@ class Trainer:
         batch changes (the next step's micro-batches depend on the true step): the loop syncs there."""
         t = self.cfg.train
         return (
-            attempted in (1, self.schedule.max_steps)
+            attempted in (1, self.end_step, self.schedule.max_steps)
             or self.clock.batch_of(attempted + 1) != self.clock.batch_of(attempted)
             or attempted % t.log_every == 0
             or (t.eval_every > 0 and attempted % t.eval_every == 0)
@@ -431,7 +436,7 @@ class Trainer:
         ledger = Ledger(state.global_step, self.info.device, halt_on_nan=t.on_nan == OnNan.halt)
         attempted = state.global_step  # the global step if every attempt since the last sync applied
         global_batch = self.clock.batch_of(1)  # what the backend was built with
-        while state.global_step < self.schedule.max_steps:
+        while state.global_step < self.end_step:
             if self.clock.batch_of(attempted + 1) != global_batch:  # attempted is exact here (see due)
                 global_batch = self.clock.batch_of(attempted + 1)
                 self.backend.set_global_batch(global_batch)
@@ -459,8 +464,14 @@ class Trainer:
                 )
                 return Outcome.preempted
             attempted = state.global_step
-            if caught_up and (
-                (t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == self.schedule.max_steps
-            ):
+            if caught_up and ((t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == self.end_step):
                 self.save(state)
+        if self.end_step < self.schedule.max_steps:
+            log.info(
+                "ramp | stopped at train.stop_at=%s: step %d of the schedule's %d, checkpoint saved; the same "
+                "command with a later train.stop_at (or none) continues exactly",
+                t.stop_at,
+                self.end_step,
+                self.schedule.max_steps,
+            )
         return Outcome.finished

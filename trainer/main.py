@@ -43,7 +43,8 @@ def train(dcfg: DictConfig) -> Outcome:
     changes = resume.accept(start, resolved) if start else []  # refused before anything is built
     data = build_data(cfg, info)
     schedule = cfg.schedule_for(info.world_size, data.train.num_samples)  # lengths in every unit, in steps
-    if start and resume.nothing_to_train(start, schedule.max_steps):
+    stop_step = cfg.stop_step(schedule.clock) if schedule.clock else None
+    if start and resume.nothing_to_train(start, schedule.max_steps, stop_step):
         distributed.teardown()
         return Outcome.finished
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank

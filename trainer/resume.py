@@ -52,6 +52,8 @@ class RunPlan:
     """The user named the checkpoint (run.resume=PATH): if it is unusable, fail rather than fall back."""
     starting_over: bool = False
     """run.dir holds this run without a complete checkpoint (killed before its first save ended)."""
+    branching: bool = False
+    """The run starts a branch off branch.checkpoint (run.dir holds nothing yet)."""
 
 
 def is_restart() -> bool:
@@ -82,6 +84,7 @@ def plan(cfg: Config) -> RunPlan:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir={run_dir} exists and is not a folder; set run.dir to a folder path")
     occupied = run_dir.is_dir() and any(run_dir.iterdir())
+    _require_outside(run_dir, cfg)
     if cfg.run.resume not in (ResumeMode.auto.value, ResumeMode.never.value):
         candidates = _resume_path(Path(cfg.run.resume))
         inside = run_dir.resolve() in candidates[0].resolve().parents
@@ -92,7 +95,7 @@ def plan(cfg: Config) -> RunPlan:
             )
         return RunPlan(run_dir, candidates, explicit=True)
     if not occupied:
-        return RunPlan(run_dir)
+        return _fresh(run_dir, cfg)
     if cfg.run.resume == ResumeMode.never.value:
         raise ConfigError(
             f"run.dir={run_dir} already exists and run.resume=never; choose a new run.name (or run.dir)"
@@ -105,7 +108,28 @@ def plan(cfg: Config) -> RunPlan:
             f"run.dir={run_dir} already holds another run with no checkpoint to resume from; choose a new "
             "run.name (or run.dir), or move that folder away"
         )
-    return RunPlan(run_dir, starting_over=True)
+    return _fresh(run_dir, cfg, starting_over=True)  # a branch killed before its first save branches again
+
+
+def _fresh(run_dir: Path, cfg: Config, starting_over: bool = False) -> RunPlan:
+    """A start with nothing of its own to resume: from scratch, or a branch off branch.checkpoint."""
+    if cfg.branch.checkpoint is None:
+        return RunPlan(run_dir, starting_over=starting_over)
+    parent = Path(cfg.branch.checkpoint)
+    return RunPlan(run_dir, [parent], explicit=True, starting_over=starting_over, branching=True)
+
+
+def _require_outside(run_dir: Path, cfg: Config) -> None:
+    """A branch writes only into its own folder: never the parent checkpoint's run folder."""
+    if cfg.branch.checkpoint is None:
+        return
+    parent = Path(cfg.branch.checkpoint)
+    run_root = parent.resolve().parent.parent  # <run>/checkpoints/step_N
+    if run_dir.resolve() == run_root or run_dir.resolve() in parent.resolve().parents:
+        raise ConfigError(
+            f"run.dir={run_dir} is the folder of branch.checkpoint={parent}: a branch needs its own folder; "
+            "choose a new run.name"
+        )
 
 
 def _same_run(run_dir: Path, cfg: Config) -> bool:
@@ -177,6 +201,8 @@ class Start:
 
     path: Path
     meta: CheckpointMeta
+    branching: bool = False
+    """A branch's first start, off another run's checkpoint (branch.*)."""
 
 
 def choose(run: RunPlan, info: DistInfo) -> Start | None:
@@ -202,8 +228,8 @@ def choose(run: RunPlan, info: DistInfo) -> Start | None:
             job_log.info("ramp | %s holds no complete checkpoint of this run: starting over", run.run_dir)
         return None
     if chosen.startswith("!"):
-        raise ConfigError(f"run.resume={chosen[1:]}")
-    return Start(Path(chosen), read_meta(Path(chosen)))
+        raise ConfigError(f"{'branch.checkpoint' if run.branching else 'run.resume'}={chosen[1:]}")
+    return Start(Path(chosen), read_meta(Path(chosen)), branching=run.branching)
 
 
 class LoadsCheckpoints(Protocol):
@@ -324,6 +350,9 @@ def accept(start: Start, current: dict[str, Any]) -> list[Change]:
             values and what to do instead.
     """
     changes = config_changes(start.meta.config, current)
+    if start.branching:  # the branch keys are the branch itself, not a change of the parent's settings
+        changes = [change for change in changes if not change.key.startswith("branch.")]
+        _refuse_a_different_curve(start, changes)
     # A key both configs have comes first: backend.name, rather than a key only one backend declares.
     refused = sorted(
         (change for change in changes if change.effect is OnResume.refused),
@@ -340,9 +369,38 @@ def accept(start: Start, current: dict[str, Any]) -> list[Change]:
     return changes
 
 
+CURVE_KEYS = ("train.max_steps", "train.max_tokens", "train.max_samples", "train.epochs", "optim.lr")
+"""Besides schedule.*, the keys that decide the LR a parent trained at."""
+
+
+def _refuse_a_different_curve(start: Start, changes: list[Change]) -> None:
+    """A branch decays from the LR its parent trained at: the schedule's keys, the run's length and
+    optim.lr must be the parent's, or the branch would start from another curve.
+
+    Raises:
+        ConfigError: one of them differs, naming it and both values.
+    """
+    for change in changes:
+        if change.key.startswith("schedule.") or change.key in CURVE_KEYS:
+            raise ConfigError(
+                f"branch.checkpoint: {change.key} is {change.old} in {start.path} but {change.new} here; a branch "
+                f"follows its parent's schedule up to the branch step, so keep {change.key}={change.old} (the "
+                "decay comes from branch.*)"
+            )
+
+
 def report_changes(start: Start, changes: list[Change], schedule: Schedule) -> None:
     """Say once (rank 0) every change that applies, and where the run continues."""
     step, max_steps = start.meta.step, schedule.max_steps
+    if start.branching:
+        job_log.info(
+            "ramp | branching off %s at step %d (LR %.4g): the decay ends at step %d (LR %.4g)",
+            start.path,
+            step,
+            schedule.lr(max(step, 1)),
+            max_steps,
+            schedule.lr(max_steps),
+        )
     for change in changes:
         note = ""
         if change.key == "train.max_steps" and step < max_steps:
@@ -358,8 +416,18 @@ def report_changes(start: Start, changes: list[Change], schedule: Schedule) -> N
     job_log.info("ramp | resuming from %s at step %d", start.path, step)
 
 
-def nothing_to_train(start: Start, max_steps: int) -> bool:
-    """Whether the checkpoint is already at (or past) ``train.max_steps``: then nothing is written."""
+def nothing_to_train(start: Start, max_steps: int, stop_step: int | None = None) -> bool:
+    """Whether the checkpoint is already at (or past) ``train.max_steps``, or train.stop_at's step: then
+    nothing is written."""
+    if stop_step is not None and stop_step < max_steps and start.meta.step >= stop_step:
+        job_log.info(
+            "ramp | %s is at step %d, already past train.stop_at's step %d: nothing to train, nothing written; "
+            "raise or drop train.stop_at to train further",
+            start.path,
+            start.meta.step,
+            stop_step,
+        )
+        return True
     if start.meta.step < max_steps:
         return False
     job_log.info(
@@ -382,12 +450,22 @@ def record_start(run_dir: Path, config: dict[str, Any], start: Start | None, cha
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     checkpoint.remove_partial_saves(run_dir / "checkpoints")
-    record = {
+    kind = (
+        "fresh" if start is None else "branched" if start.branching else "changed" if changes else "resumed"
+    )
+    record: dict[str, Any] = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "start": "fresh" if start is None else "changed" if changes else "resumed",
+        "start": kind,
         "step": start.meta.step if start else 0,
         "checkpoint": str(start.path) if start else None,
         "changed": {change.key: [change.old, change.new] for change in changes},
     }
+    if start is not None and start.branching:  # the lineage: which run, which checkpoint, which step
+        record["parent"] = {
+            "run": str(start.path.resolve().parent.parent),
+            "checkpoint": str(start.path.resolve()),
+            "step": start.meta.step,
+            "name": start.meta.config.get("run", {}).get("name"),
+        }
     with open(run_dir / HISTORY, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")

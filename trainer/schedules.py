@@ -27,9 +27,10 @@ other part of ramp but its errors, the key declaration and the durations.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -62,6 +63,8 @@ class Schedule:
     """What each step takes (:mod:`trainer.durations`); None: a fixed batch that is not known here."""
     batch_lr_scaling: str = "none"
     """With a batch schedule: none, or the LR times sqrt or the ratio of the step's batch to the first."""
+    branch_step: int | None = None
+    """With branch.*: the checkpoint's global step, after which the branch's decay replaces the schedule."""
 
     def multiplier(self, step: int) -> float:
         """``f`` after global step ``step`` (times the batch scaling), held at its value at ``max_steps``
@@ -629,6 +632,184 @@ class WarmupStableDecaySchedule(ScheduleConfig):
             min_lr_ratio=self.min_lr_ratio,
             num_cycles=self.num_cycles,
         )
+
+
+def wsd_s(
+    step: int,
+    *,
+    warmup_steps: int,
+    period_ends: tuple[int, ...],
+    decay_starts: tuple[int, ...],
+    decay_type: str,
+    min_lr_ratio: float,
+) -> float:
+    """Warmup, then periods that each hold the peak and end with a decay to ``min_lr_ratio``; training
+    goes on at the peak after each decay (WSD-S, Wen et al. 2024, arXiv:2410.05192). OLMo-core's
+    ``WSDS.get_lr`` (ai2-olmo-core 3.0.0, olmo_core/optim/scheduler.py) with its linear decay.
+
+    ``period_ends[i]`` is period ``i``'s last step (its decay reaches the floor there); its decay
+    starts after ``decay_starts[i]``. Past the last period the floor holds.
+    """
+    if step < warmup_steps:
+        return _warmup(step, warmup_steps)
+    if step >= period_ends[-1]:
+        return min_lr_ratio
+    index = bisect.bisect_left(period_ends, step)  # the first period whose end is at or after the step
+    decay_start, end = decay_starts[index], period_ends[index]
+    if step < decay_start:
+        return 1.0
+    progress = float(step - decay_start) / float(max(1, end - decay_start))
+    factor = _shape(decay_type, progress, 0.5, rising=False)
+    return max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
+
+
+@register
+@dataclass
+class WSDSSchedule(ScheduleConfig):
+    """Periodic decays (WSD-S): after warmup, periods that each hold the peak and end with a decay; the
+    decayed model at each period's end is a usable checkpoint, and training continues from it."""
+
+    name: str = setting("wsd_s", on_resume=OnResume.changes_math)
+    """Selected with schedule=wsd_s."""
+    period_steps: list[int] = setting(factory=list, on_resume=OnResume.changes_math)
+    """Each period's length in steps, the warmup inside the first (OLMo-core's period_lengths)."""
+    num_decay_steps: int | None = setting(None, on_resume=OnResume.changes_math)
+    """Each period's decay in steps; wins over decay_ratio."""
+    decay_ratio: float | None = setting(None, on_resume=OnResume.changes_math)
+    """Each period's decay as a fraction of it, rounded to the nearest step as OLMo-core's WSDS does."""
+    decay_type: str = setting("linear", on_resume=OnResume.changes_math)
+    """Shape of each decay: linear (OLMo-core's), cosine or 1-sqrt."""
+    min_lr_ratio: float = setting(0.0, on_resume=OnResume.changes_math)
+    """The floor each decay ends at, as a fraction of optim.lr."""
+
+    def periods(self, warmup: int, clock: Clock | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(each period's end, each decay's start) in the clock's unit.
+
+        Raises:
+            ConfigError: no period, a period or decay out of range, or the warmup and the first decay
+                longer than the first period.
+        """
+        _check(
+            bool(self.period_steps) and all(int(p) >= 1 for p in self.period_steps),
+            f"schedule.period_steps={list(self.period_steps)} must list each period's steps (each at least 1), "
+            "e.g. schedule.period_steps=[1000,1000]",
+        )
+        _check(
+            self.num_decay_steps is not None or self.decay_ratio is not None,
+            "wsd_s needs schedule.num_decay_steps or schedule.decay_ratio (each period's decay)",
+        )
+        _check(
+            self.decay_ratio is None or 0.0 <= self.decay_ratio <= 1.0,
+            f"schedule.decay_ratio={self.decay_ratio} must be in [0, 1]",
+        )
+        to_units = (lambda step: step) if clock is None else clock.clock
+        ends, starts, end = [], [], 0
+        for index, length in enumerate(int(p) for p in self.period_steps):
+            decay = (
+                self.num_decay_steps
+                if self.num_decay_steps is not None
+                else round((self.decay_ratio or 0.0) * length)
+            )
+            begin = end + (warmup if index == 0 else 0)
+            _check(
+                decay >= 0 and begin + decay <= end + length,
+                f"schedule: period {index + 1} of {length} steps cannot hold its decay of {decay} steps"
+                + (f" after {warmup} warmup steps" if index == 0 and warmup else "")
+                + "; lengthen it in schedule.period_steps or shorten the decay",
+            )
+            end += length
+            ends.append(to_units(end))
+            starts.append(to_units(end - decay))
+        return tuple(ends), tuple(starts)
+
+    def multiplier(
+        self, warmup_steps: int, max_steps: int, peak_lr: float, clock: Clock | None = None
+    ) -> Multiplier:
+        """:func:`wsd_s`; the periods must fit in the run."""
+        _check(
+            self.decay_type in SHAPES,
+            f"schedule.decay_type={self.decay_type} must be linear, cosine or 1-sqrt",
+        )
+        _check(
+            0.0 <= self.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"
+        )
+        warmup = warmup_steps if clock is None else clock.steps_until(warmup_steps)
+        ends, starts = self.periods(warmup, clock)
+        _check(
+            ends[-1] <= max_steps,
+            f"schedule.period_steps sum to {sum(int(p) for p in self.period_steps)} steps, more than the run's "
+            "length: lengthen the run or shorten the periods",
+        )
+        return partial(
+            wsd_s,
+            warmup_steps=warmup_steps,
+            period_ends=ends,
+            decay_starts=starts,
+            decay_type=self.decay_type,
+            min_lr_ratio=self.min_lr_ratio,
+        )
+
+    def decay_start(self, warmup: int, total: int, clock: Clock | None = None) -> int:
+        """After the first period's stable stretch."""
+        steps = warmup if clock is None else clock.steps_until(warmup)
+        return self.periods(steps, clock)[1][0]
+
+
+def branched(
+    units: int,
+    *,
+    base: Multiplier,
+    at: int,
+    decay: int,
+    decay_type: str,
+    min_lr_ratio: float,
+) -> float:
+    """``base`` up to the clock's ``at``, then a decay over ``decay`` units from ``base(at)`` down to
+    ``min_lr_ratio``, in :func:`warmup_stable_decay`'s arithmetic (so a branch off a constant stretch at
+    1.0 is that schedule's decay to the last bit)."""
+    if units <= at:
+        return base(units)
+    start = base(at)
+    progress = min(float(units - at) / float(max(1, decay)), 1.0)
+    factor = _shape(decay_type, progress, 0.5, rising=False)
+    return max(0.0, factor * (start - min_lr_ratio) + min_lr_ratio)
+
+
+def branch_schedule(
+    base: Schedule, *, at_step: int, decay: int, decay_type: str, min_lr_ratio: float
+) -> Schedule:
+    """``base`` through global step ``at_step`` (a checkpoint's), then a decay of ``decay`` clock units
+    (steps, or samples under a batch schedule) from the LR in effect at ``at_step`` down to
+    ``min_lr_ratio x peak``; the run ends at the first step that completes the decay.
+
+    Raises:
+        ConfigError: ``at_step`` beyond ``base``'s run, or a decay shape that is not linear, cosine or 1-sqrt.
+    """
+    _check(decay_type in SHAPES, f"branch.decay_type={decay_type} must be linear, cosine or 1-sqrt")
+    _check(
+        at_step <= base.max_steps,
+        f"branch.checkpoint is at step {at_step}, past the schedule's {base.max_steps} steps: give the "
+        "parent run's length (train.max_steps, ...) so the schedule reaches the branch step",
+    )
+    clock = base.clock
+    at = at_step if clock is None else clock.clock(at_step)
+    end = at + decay if clock is None else clock.steps_until(at + decay)
+    multiplier = partial(
+        branched,
+        base=base.multiplier_fn,
+        at=at,
+        decay=decay,
+        decay_type=decay_type,
+        min_lr_ratio=min_lr_ratio,
+    )
+    return replace(
+        base,
+        max_steps=max(end, at_step + 1),
+        warmup_steps=min(base.warmup_steps, at_step),
+        decay_start=at_step,
+        multiplier_fn=multiplier,
+        branch_step=at_step,
+    )
 
 
 def given_length(cfg: object, keys: dict[str, str], clock: Clock | None) -> tuple[str, int] | None:

@@ -381,3 +381,23 @@ def megatron_lrs(batches: list[int], peak: float, **scheduler: Any) -> list[floa
         megatron.step(increment=batch)
         lrs.append(optimizer.param_groups[0]["lr"])
     return lrs
+
+
+def deepspeed_param_groups(step_dir: Path) -> list[dict[str, Any]]:
+    """The torch optimizer's parameter groups as DeepSpeed saved them (ZeRO 2, one rank)."""
+    import torch
+
+    from trainer.backends.deepspeed import weights_only_loads
+
+    with weights_only_loads():
+        state = torch.load(step_dir / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    groups: list[dict[str, Any]] = state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    return groups
+
+
+def ddp_param_groups(step_dir: Path) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups as a DDP checkpoint saved them."""
+    import torch
+
+    groups: list[dict[str, Any]] = torch.load(step_dir / "optimizer.pt", weights_only=True)["param_groups"]
+    return groups

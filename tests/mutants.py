@@ -203,6 +203,29 @@ MUTANTS = [
         (f"{E2E}/test_branches.py::test_stop_at_then_the_same_command_continues_exactly",),
     ),
     Mutant(
+        "a parameter group's LR multiplier not applied",
+        "trainer/loop.py",
+        '            group["lr"] = lr if mult == 1.0 else lr * mult',
+        '            group["lr"] = lr',
+        (f"{E2E}/test_param_groups.py",),
+    ),
+    Mutant(
+        "a parameter group's own weight decay ignored",
+        "trainer/models.py",
+        "        weight_decay = cfg.weight_decay if decay is None else decay",
+        "        weight_decay = cfg.weight_decay",
+        (f"{E2E}/test_param_groups.py",),
+    ),
+    Mutant(
+        "a run from weights alone starts from fresh weights",
+        "trainer/export.py",
+        "    model.load_state_dict(model_state(folder, meta))\n    job_log.info(",
+        "    job_log.info(",
+        (
+            f"{E2E}/test_branches.py::test_a_run_from_weights_alone_has_the_parents_weights_and_its_own_optimizer_and_schedule",
+        ),
+    ),
+    Mutant(
         "the open log interval not restored on resume",
         "trainer/resume.py",
         '            meter.load_state_dict(rank_state["meter"])',

@@ -283,6 +283,27 @@ class BranchConfig:
         )
 
 
+INIT_DATA = ("fresh", "continue")
+
+
+@dataclass
+class InitConfig:
+    """A new run that starts from a checkpoint's model weights alone: a fresh optimizer, its own schedule
+    from ``init.step``, and the data from its start or from where the checkpoint left it."""
+
+    weights: str | None = setting(None, on_resume=OnResume.applies)
+    """A checkpoints/step_<N> folder whose model weights a fresh run starts from; its folder is never written."""
+    step: int = setting(0, on_resume=OnResume.changes_math)
+    """The global step the run starts after (0: the schedule from step 1)."""
+    data: str = setting("fresh", on_resume=OnResume.changes_math)
+    """fresh: the data from its start; continue: from the checkpoint's data position."""
+
+    def check(self) -> None:
+        """Raises ConfigError: a step below 0 or an unknown data choice."""
+        _require(self.step >= 0, f"init.step={self.step} must be >= 0")
+        _require(self.data in INIT_DATA, f"init.data={self.data} must be fresh or continue")
+
+
 @dataclass
 class ModelConfig:
     """A causal language model built with transformers from a config; nothing is downloaded."""
@@ -438,6 +459,22 @@ DATA_SOURCES: dict[str, type[DataConfig]] = {
 
 
 @dataclass
+class ParamGroupConfig:
+    """One parameter group of ``optim.groups``: the parameters it takes, its LR multiplier, its decay."""
+
+    name: str = setting(MISSING, on_resume=OnResume.refused)
+    """The group's name: its LR is logged as lr/<name>."""
+    match: list[str] = setting(factory=list, on_resume=OnResume.refused)
+    """Parameter-name glob patterns (fnmatch, e.g. '*wte*'); empty: any name (then ndim decides)."""
+    ndim: int | None = setting(None, on_resume=OnResume.refused)
+    """Take only parameters of this many dimensions (1: vectors, biases and norm weights)."""
+    lr_mult: float = setting(1.0, on_resume=OnResume.refused)
+    """The group's LR is lr_mult x the schedule's LR."""
+    weight_decay: float | None = setting(None, on_resume=OnResume.refused)
+    """The group's decoupled weight decay; default: optim.weight_decay."""
+
+
+@dataclass
 class OptimConfig:
     """AdamW, the one optimizer."""
 
@@ -453,6 +490,9 @@ class OptimConfig:
     """AdamW's epsilon."""
     no_decay: list[str] = setting(factory=lambda: ["*.bias", "*norm*", "*ln_*"], on_resume=OnResume.refused)
     """Parameter-name glob patterns excluded from weight decay (biases and norm weights)."""
+    groups: list[ParamGroupConfig] = setting(factory=list, on_resume=OnResume.refused)
+    """Parameter groups with their own LR multiplier and weight decay, e.g. [{name: embed, match: ['*wte*'],
+    lr_mult: 0.1}]; a parameter in none of them falls in decay / no_decay as without groups."""
     fused: bool | None = setting(None, on_resume=OnResume.changes_math)
     """Fused AdamW kernel; default: on (CPU and CUDA). It drops a non-finite update on the device, so the
     step never waits for the host; false uses torch's foreach kernel and reads the norm every step."""
@@ -467,6 +507,26 @@ class OptimConfig:
             f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.95]",
         )
         _require(self.eps > 0, f"optim.eps={self.eps} must be > 0")
+        names = [group.name for group in self.groups]
+        for group in self.groups:
+            _require(
+                names.count(group.name) == 1 and group.name not in ("decay", "no_decay"),
+                f"optim.groups: the name {group.name} is taken (by another group, or by ramp's decay / no_decay); "
+                "give each group its own name",
+            )
+            _require(group.lr_mult >= 0, f"optim.groups.{group.name}.lr_mult={group.lr_mult} must be >= 0")
+            _require(
+                group.weight_decay is None or group.weight_decay >= 0,
+                f"optim.groups.{group.name}.weight_decay={group.weight_decay} must be >= 0",
+            )
+            _require(
+                bool(group.match) or group.ndim is not None,
+                f"optim.groups.{group.name} selects nothing: give it match patterns or an ndim",
+            )
+
+    def lr_mults(self) -> dict[str, float]:
+        """Each parameter group's LR multiplier, by group name (decay and no_decay: 1)."""
+        return {"decay": 1.0, "no_decay": 1.0, **{group.name: group.lr_mult for group in self.groups}}
 
 
 @dataclass
@@ -664,6 +724,8 @@ class Config:
     """Length, batch, cadences and numerics (train.*)."""
     branch: BranchConfig = setting(factory=BranchConfig, on_resume=OnResume.changes_math)
     """A decay branched off a checkpoint (branch.*)."""
+    init: InitConfig = setting(factory=InitConfig, on_resume=OnResume.applies)
+    """A fresh run from a checkpoint's weights alone (init.*)."""
     model: ModelConfig = setting(MISSING, on_resume=OnResume.refused)
     """The model preset (model=<preset>) and its keys."""
     data: DataConfig = setting(MISSING, on_resume=OnResume.refused)
@@ -686,11 +748,15 @@ class Config:
         self.run.check()
         self.train.check()
         self.branch.check()
+        self.init.check()
+        given = {"branch.checkpoint": self.branch.checkpoint, "init.weights": self.init.weights}
+        starts = [key for key, value in given.items() if value is not None]
+        if self.run.resume not in (ResumeMode.auto.value, ResumeMode.never.value):
+            starts.append(f"run.resume={self.run.resume}")
         _require(
-            self.branch.checkpoint is None
-            or self.run.resume in (ResumeMode.auto.value, ResumeMode.never.value),
-            f"branch.checkpoint and run.resume={self.run.resume} both name where the run starts: keep "
-            "branch.checkpoint for a branch, run.resume for a plain resume",
+            len(starts) < 2,
+            f"{' and '.join(starts[:2])} both name where the run starts: keep branch.checkpoint for a branch, "
+            "init.weights for a fresh run from weights alone, run.resume for a plain resume",
         )
         self.model.check()
         self.data.check()

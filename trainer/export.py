@@ -2,6 +2,7 @@
 
 The folder holds the transformers config and the weights as safetensors (plus the tokenizer when the
 run had one), so ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads the exact trained model.
+A checkpoint's weights alone also start a new run (``init.weights``, :func:`load_weights`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,59 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig
+from trainer.config import Config, ModelConfig
 from trainer.errors import ConfigError
 from trainer.models import build_model
-from trainer.resume import problem, read_meta
+from trainer.observe import job_log, redact
+from trainer.resume import CheckpointMeta, config_changes, problem, read_meta
+from trainer.schema import OnResume
+
+
+def model_state(folder: Path, meta: CheckpointMeta) -> dict[str, torch.Tensor]:
+    """A checkpoint's model weights as one state dict on the CPU (ZeRO shards gathered), loaded without
+    executing any code."""
+    if meta.backend == "deepspeed":
+        from trainer.backends.deepspeed import consolidated_state_dict
+
+        return consolidated_state_dict(folder)
+    state: dict[str, torch.Tensor] = torch.load(folder / "model.pt", weights_only=True, map_location="cpu")
+    return state
+
+
+def load_weights(cfg: Config, model: nn.Module, tokenizer_vocab: int) -> CheckpointMeta:
+    """Load ``init.weights``'s model weights into ``model`` (built from this run's config, not yet
+    wrapped by a backend); nothing else of the checkpoint. Every rank reads them; nothing is written.
+
+    Raises:
+        ConfigError: the checkpoint is unusable, or its model or tokenizer differs from this run's,
+            naming the key.
+    """
+    folder = Path(str(cfg.init.weights))
+    reason = problem(folder)
+    if reason is not None:
+        raise ConfigError(f"init.weights={folder} is unusable: {reason}")
+    meta = read_meta(folder)
+    current = {"model": redact(cfg.to_dict())["model"]}
+    for change in config_changes({"model": meta.config.get("model", {})}, current):
+        if change.effect is OnResume.refused:
+            raise ConfigError(
+                f"init.weights: {change.key} is {change.old} in {folder} but {change.new} here; the weights fit "
+                f"only the same model: keep {change.key}={change.old}"
+            )
+    if meta.tokenizer_vocab != tokenizer_vocab:
+        raise ConfigError(
+            f"init.weights: {folder} was trained with a tokenizer of {meta.tokenizer_vocab} tokens, this run's "
+            f"data.* gives {tokenizer_vocab}; use the same tokenizer (data.tokenizer)"
+        )
+    model.load_state_dict(model_state(folder, meta))
+    job_log.info(
+        "ramp | weights from %s (step %d): fresh optimizer, the schedule from step %d, the data %s",
+        folder,
+        meta.step,
+        cfg.init.step + 1,
+        "from its start" if cfg.init.data == "fresh" else "from the checkpoint's position",
+    )
+    return meta
 
 
 def load_model(checkpoint: Path) -> nn.Module:
@@ -32,14 +82,7 @@ def load_model(checkpoint: Path) -> nn.Module:
     meta = read_meta(checkpoint)
     model_cfg = ModelConfig(**meta.config["model"])
     model = build_model(model_cfg, tokenizer_vocab=meta.tokenizer_vocab, eos_id=meta.eos_id)
-    if meta.backend == "deepspeed":
-        # Sharded by ZeRO across the ranks that wrote it: gathered into one fp32 state dict here.
-        from trainer.backends.deepspeed import consolidated_state_dict
-
-        state = consolidated_state_dict(checkpoint)
-    else:
-        state = torch.load(checkpoint / "model.pt", weights_only=True, map_location="cpu")
-    model.load_state_dict(state)
+    model.load_state_dict(model_state(checkpoint, meta))  # ZeRO shards gathered into one fp32 state dict
     return model.eval()
 
 

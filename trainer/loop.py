@@ -215,6 +215,8 @@ class Trainer:
     end_step: int = field(init=False)
     """Where this process stops: train.max_steps, or train.stop_at before it (the schedule keeps its length)."""
     batches: Batches = field(init=False)
+    lr_mults: dict[str, float] = field(init=False)
+    """Each parameter group's LR multiplier (optim.groups), by name."""
     lr_table: torch.Tensor = field(init=False)
     """On the device: the schedule's LR of global step k at index k (index 0 is unused)."""
 
@@ -230,6 +232,7 @@ class Trainer:
         )
         lrs = [self.schedule.lr(max(step, 1)) for step in range(self.schedule.max_steps + 1)]
         self.lr_table = torch.tensor(lrs, dtype=torch.float64, device=self.info.device)
+        self.lr_mults = self.cfg.optim.lr_mults()
 
     def announce(self) -> None:
         """The start-up lines: what trains, on how many ranks, how many tokens a step, into where; the
@@ -279,15 +282,24 @@ class Trainer:
         resume.restore(start, self.info, self.backend, self.data.train, self.meter, self.cfg.optim)
         return TrainState.from_checkpoint(start.meta)
 
+    def warm_start(self, meta: resume.CheckpointMeta) -> TrainState:
+        """The counters of a fresh run from a checkpoint's weights (loaded already): the global step
+        init.step, and the data from its start or from the checkpoint's position (init.data)."""
+        step = self.cfg.init.step
+        if self.cfg.init.data == "continue":
+            self.data.train.load_state_dict(meta.sampler)
+        return TrainState(global_step=step, tokens=self.clock.samples_after(step) * self.cfg.train.seq_len)
+
     def set_lr(self, ledger: Ledger) -> None:
         """Write the LR of the step about to be taken into every parameter group, before it is taken:
         looked up on the device from the device's global step (a float, read back, for a backend that
-        needs one)."""
+        needs one), times the group's optim.groups lr_mult."""
         lr: float | torch.Tensor = self.lr_table[torch.clamp(ledger.step + 1, max=self.schedule.max_steps)]
         if not self.backend.on_device:
             lr = float(lr)
         for group in self.backend.param_groups:
-            group["lr"] = lr
+            mult = self.lr_mults[str(group["name"])]
+            group["lr"] = lr if mult == 1.0 else lr * mult
 
     def train_step(self, accum: int) -> tuple[torch.Tensor, int]:
         """Forward and backward the ``accum`` micro-batches of one optimizer step; gradients sync on the last.

@@ -16,11 +16,12 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
-from trainer import distributed, resume
+from trainer import distributed, export, resume
 from trainer.backends import build_backend
-from trainer.config import conf_dir, register_configs, to_config
-from trainer.data import build_data
+from trainer.config import Config, conf_dir, register_configs, to_config
+from trainer.data import Data, build_data
 from trainer.errors import ConfigError, TrainingHalted
 from trainer.loop import Outcome, Trainer, TrainState
 from trainer.models import build_model
@@ -31,8 +32,37 @@ log = logging.getLogger("ramp")
 register_configs()
 
 
+def build_initial_model(
+    cfg: Config, data: Data, max_steps: int, warm: bool
+) -> tuple[nn.Module, tuple[Path, resume.CheckpointMeta] | None]:
+    """The model, the same initial weights on every rank; with ``warm`` and init.weights, that checkpoint's
+    weights (and the checkpoint, for the record).
+
+    Raises:
+        ConfigError: init.step past the run, or weights that do not fit this model, before anything is written.
+    """
+    warm = warm and cfg.init.weights is not None
+    if warm and cfg.init.step >= max_steps:
+        raise ConfigError(f"init.step={cfg.init.step} leaves nothing of the run's {max_steps} steps to train")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(
+        cfg.model,
+        tokenizer_vocab=data.vocab_size,
+        eos_id=data.eos_id,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+    )
+    if not warm:
+        return model, None
+    return model, (Path(str(cfg.init.weights)), export.load_weights(cfg, model, data.vocab_size))
+
+
 def train(dcfg: DictConfig) -> Outcome:
-    """One run from a composed config: plan, accept the start, build, restore, record, fit, close."""
+    """One run from a composed config: plan, accept the start, build, restore, record, fit, close.
+
+    Raises:
+        ConfigError: a configuration or a start that cannot be, before anything is written.
+        TrainingHalted: a non-finite update train.on_nan does not skip.
+    """
     cfg = to_config(dcfg)
     plan = resume.plan(cfg)
     info = distributed.setup(cfg.train.threads)
@@ -47,21 +77,17 @@ def train(dcfg: DictConfig) -> Outcome:
     if start and resume.nothing_to_train(start, schedule.max_steps, stop_step):
         distributed.teardown()
         return Outcome.finished
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(
-        cfg.model,
-        tokenizer_vocab=data.vocab_size,
-        eos_id=data.eos_id,
-        activation_checkpointing=cfg.train.activation_checkpointing,
-    )
+    model, weights = build_initial_model(cfg, data, schedule.max_steps, warm=start is None)
     trainer = Trainer(cfg, info, build_backend(cfg, model, info), data, schedule, plan.run_dir, resolved)
     del model  # the backend holds it now
     torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout noise per rank
-    state = trainer.restore(start) if start else TrainState()
     if start:
+        state = trainer.restore(start)
         resume.report_changes(start, changes, schedule)
+    else:
+        state = trainer.warm_start(weights[1]) if weights else TrainState()
     if info.is_main:  # the start is accepted: only now is the run folder written
-        resume.record_start(plan.run_dir, resolved, start, changes)
+        resume.record_start(plan.run_dir, resolved, start, changes, weights)
         data.save_tokenizer(plan.run_dir)
     recorder = Recorder(
         info.is_main, plan.run_dir, resolved, cfg.logger, schedule.max_steps, state.global_step

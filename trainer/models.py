@@ -97,27 +97,68 @@ def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def group_hyperparameters(name: str, cfg: OptimConfig) -> dict[str, Any]:
-    """AdamW's settings of the parameter group ``name`` (``decay`` or ``no_decay``), from ``optim.*``."""
-    return {
-        "weight_decay": cfg.weight_decay if name == "decay" else 0.0,
-        "betas": (cfg.betas[0], cfg.betas[1]),
-        "eps": cfg.eps,
-    }
+    """AdamW's settings of the parameter group ``name`` (``decay``, ``no_decay`` or one of
+    ``optim.groups``), from ``optim.*``."""
+    custom = {group.name: group for group in cfg.groups}
+    if name in custom:
+        decay = custom[name].weight_decay
+        weight_decay = cfg.weight_decay if decay is None else decay
+    else:
+        weight_decay = cfg.weight_decay if name == "decay" else 0.0
+    return {"weight_decay": weight_decay, "betas": (cfg.betas[0], cfg.betas[1]), "eps": cfg.eps}
+
+
+def _owners(name: str, param: nn.Parameter, cfg: OptimConfig, used: set[tuple[str, str]]) -> list[str]:
+    """The ``optim.groups`` that take parameter ``name``; records each (group, pattern) that matched."""
+    owners = []
+    for group in cfg.groups:
+        if group.ndim is not None and param.ndim != group.ndim:
+            continue
+        hits = [pattern for pattern in group.match if fnmatch.fnmatch(name, pattern)]
+        if group.match and not hits:
+            continue
+        used.update((group.name, pattern) for pattern in hits or [""])
+        owners.append(group.name)
+    return owners
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on everything except parameters matching ``optim.no_decay``."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    """AdamW groups: ``optim.groups`` first (by name pattern and dimension), then weight decay on every
+    other parameter except those matching ``optim.no_decay``.
+
+    Raises:
+        ConfigError: a parameter two groups take, or a group pattern (or a group) that takes no parameter,
+            naming it.
+    """
+    members: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": []}
+    members.update({group.name: [] for group in cfg.groups})
+    used: set[tuple[str, str]] = set()
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        owners = _owners(name, param, cfg, used)
+        if len(owners) > 1:
+            raise ConfigError(
+                f"optim.groups: parameter {name} is taken by both {owners[0]} and {owners[1]}; make their match "
+                "patterns (or ndim) exclusive"
+            )
         excluded = any(fnmatch.fnmatch(name, pattern) for pattern in cfg.no_decay)
-        (no_decay if excluded else decay).append(param)
-    named = [("decay", decay), ("no_decay", no_decay)]
-    # The decay group always exists (the LR records name it); the no_decay group only when it has members.
-    kept = [(name, params) for name, params in named if params or name == "decay"]
+        members[owners[0] if owners else "no_decay" if excluded else "decay"].append(param)
+    for group in cfg.groups:
+        for pattern in group.match or [""]:
+            if (group.name, pattern) not in used:
+                what = f"pattern {pattern!r}" if pattern else "ndim"
+                raise ConfigError(
+                    f"optim.groups.{group.name}: {what} takes no parameter of {_model_name(model)}; fix or drop it"
+                )
+    # The decay group always exists (the LR records name it); the others only when they have members.
+    kept = [(name, params) for name, params in members.items() if params or name == "decay"]
     return [{"params": params, "name": name, **group_hyperparameters(name, cfg)} for name, params in kept]
+
+
+def _model_name(model: nn.Module) -> str:
+    """The model's class name, for messages."""
+    return type(model).__name__
 
 
 def apply_hyperparameters(groups: list[dict[str, Any]], cfg: OptimConfig) -> None:

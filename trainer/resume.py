@@ -120,16 +120,19 @@ def _fresh(run_dir: Path, cfg: Config, starting_over: bool = False) -> RunPlan:
 
 
 def _require_outside(run_dir: Path, cfg: Config) -> None:
-    """A branch writes only into its own folder: never the parent checkpoint's run folder."""
-    if cfg.branch.checkpoint is None:
-        return
-    parent = Path(cfg.branch.checkpoint)
-    run_root = parent.resolve().parent.parent  # <run>/checkpoints/step_N
-    if run_dir.resolve() == run_root or run_dir.resolve() in parent.resolve().parents:
-        raise ConfigError(
-            f"run.dir={run_dir} is the folder of branch.checkpoint={parent}: a branch needs its own folder; "
-            "choose a new run.name"
-        )
+    """A branch, or a run from another's weights, writes only into its own folder: never the folder of the
+    checkpoint it starts from."""
+    for key, value in (("branch.checkpoint", cfg.branch.checkpoint), ("init.weights", cfg.init.weights)):
+        if value is None:
+            continue
+        parent = Path(value).resolve()
+        if (
+            run_dir.resolve() == parent.parent.parent or run_dir.resolve() in parent.parents
+        ):  # <run>/checkpoints/step_N
+            raise ConfigError(
+                f"run.dir={run_dir} is the folder of {key}={value}: the new run needs its own folder; choose a "
+                "new run.name"
+            )
 
 
 def _same_run(run_dir: Path, cfg: Config) -> bool:
@@ -444,15 +447,24 @@ HISTORY = "history.jsonl"
 """The run folder's append-only record of accepted starts, one JSON object per line."""
 
 
-def record_start(run_dir: Path, config: dict[str, Any], start: Start | None, changes: list[Change]) -> None:
+def record_start(
+    run_dir: Path,
+    config: dict[str, Any],
+    start: Start | None,
+    changes: list[Change],
+    weights: tuple[Path, CheckpointMeta] | None = None,
+) -> None:
     """Called on global rank 0 once a start is accepted: config.yaml says what trains from now on, and
-    history.jsonl gains one record (time, the step it starts at, the checkpoint, the changed keys)."""
+    history.jsonl gains one record (time, the step it starts at, the checkpoint, the changed keys; the
+    parent of a branch; the checkpoint whose ``weights`` a fresh run started from)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     checkpoint.remove_partial_saves(run_dir / "checkpoints")
     kind = (
         "fresh" if start is None else "branched" if start.branching else "changed" if changes else "resumed"
     )
+    if start is None and weights is not None:
+        kind = "weights"
     record: dict[str, Any] = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "start": kind,
@@ -467,5 +479,10 @@ def record_start(run_dir: Path, config: dict[str, Any], start: Start | None, cha
             "step": start.meta.step,
             "name": start.meta.config.get("run", {}).get("name"),
         }
+    if start is None and weights is not None:
+        folder, meta = weights
+        init = config.get("init", {})
+        record["step"] = init.get("step", 0)
+        record["weights"] = {"checkpoint": str(folder.resolve()), "step": meta.step, "data": init.get("data")}
     with open(run_dir / HISTORY, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")

@@ -102,7 +102,8 @@ def _check(ok: bool, message: str) -> None:
 class ScheduleConfig:
     """The keys every schedule takes; pick a schedule with ``schedule=<name>`` (``conf/schedule/``).
 
-    Names, keys and formulas follow ``transformers.get_scheduler``. A count always wins over the
+    Names, keys and formulas follow ``transformers.get_scheduler`` (``wsd_s``, which transformers lacks,
+    follows OLMo-core's ``WSDS``). A count always wins over the
     matching ratio (``warmup_steps`` over ``warmup_ratio``), as in transformers' ``TrainingArguments``.
     """
 

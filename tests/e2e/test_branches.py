@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import read_metrics, run_ramp, snapshot
+from trainer.config import compose
 from trainer.plot import main as plot_main
 
 pytestmark = pytest.mark.slow
@@ -60,19 +61,16 @@ def check_overlay(cwd: Path, parent_dir: Path, names: list[str]) -> None:
     figure = plot_main(
         [str(parent_dir), *(str(cwd / "outputs" / n) for n in names), "--out", str(cwd / "b.png")]
     )
-    lines = {line.get_label(): line for axes in figure.axes for line in axes.lines}
-    by_step, by_tokens = figure.axes[2], figure.axes[3]  # the lr panels
+    by_step, by_tokens = figure.axes[2], figure.axes[3]  # the lr panels, against the step and the tokens
     parent_train = read_metrics(parent_dir)[0]
     for name in ["parent", *names]:
         train = read_metrics(cwd / "outputs" / name)[0]
         if name != "parent":  # each branch's curve starts at the parent's step 8
             train = [parent_train[7], *train]
-        assert lines[f"{name} lr"] in by_step.lines
-        assert list(np.asarray(lines[f"{name} lr"].get_ydata())) == [r["lr"] for r in train]
-        tokens = [
-            list(np.asarray(line.get_xdata())) for line in by_tokens.lines if line.get_label() == f"{name} lr"
-        ]
-        assert tokens == [[r["tokens"] for r in train]]
+        for axes, key in ((by_step, "step"), (by_tokens, "tokens")):
+            (line,) = [line for line in axes.lines if line.get_label() == f"{name} lr"]
+            assert list(np.asarray(line.get_xdata())) == [r[key] for r in train]
+            assert list(np.asarray(line.get_ydata())) == [r["lr"] for r in train]
     assert (cwd / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -152,7 +150,7 @@ def test_a_branch_off_another_curve_or_into_its_parent_is_refused_and_writes_not
         (["schedule=cosine", "train.max_steps=8", "run.name=other"], "branch.checkpoint: schedule.name is "
          "constant_with_warmup in"),
         ([*PARENT[:2], "optim.lr=1e-3", "run.name=other"], "optim.lr is 0.0006 in"),
-        ([*PARENT], "is the folder of branch.checkpoint"),
+        ([*PARENT], "is the folder of branch.checkpoint="),
     ]  # fmt: skip
     for overrides, message in cases:
         result = run_ramp([*COMMON, *branch, *overrides], cwd=cwd, cache_dir=cache_dir, nproc=0)
@@ -162,3 +160,42 @@ def test_a_branch_off_another_curve_or_into_its_parent_is_refused_and_writes_not
         assert message in errors[0]
         assert not (cwd / "outputs" / "other").exists()
     assert snapshot(parent_dir) == before
+
+
+def test_a_run_from_weights_alone_has_the_parents_weights_and_its_own_optimizer_and_schedule(
+    parent: tuple[Path, int], cache_dir: Path
+) -> None:
+    """From the parent's step 8: the data continued, the next step's loss and gradient norm are the ones the
+    parent computes there (same weights, same batch); the step after differs (a fresh optimizer)."""
+    cwd, nproc = parent
+    if not nproc:
+        pytest.skip("one rank count is enough here: 2 ranks, whose data position is per rank")
+    checkpoint = cwd / "outputs" / "parent" / "checkpoints" / "step_8"
+    resumed = [*COMMON, *PARENT[:1], "train.max_steps=10", f"run.resume={checkpoint}", "run.name=resumed"]
+    ok(run_ramp(resumed, cwd=cwd, cache_dir=cache_dir, nproc=nproc))
+    warm = [*COMMON, "schedule=cosine", "train.max_steps=10", f"init.weights={checkpoint}", "run.name=warm"]
+    result = ok(
+        run_ramp([*warm, "init.step=8", "init.data=continue"], cwd=cwd, cache_dir=cache_dir, nproc=nproc)
+    )
+    assert (
+        f"weights from {checkpoint} (step 8): fresh optimizer, the schedule from step 9"
+        in result.stdout + result.stderr
+    )
+    continued, started = (
+        read_metrics(cwd / "outputs" / "resumed")[0],
+        read_metrics(cwd / "outputs" / "warm")[0],
+    )
+    assert [r["step"] for r in started] == [9, 10]
+    assert (started[0]["loss"], started[0]["grad_norm"]) == (continued[0]["loss"], continued[0]["grad_norm"])
+    assert started[1]["loss"] != continued[1]["loss"]
+    schedule = compose(["schedule=cosine", "train.max_steps=10", "schedule.warmup_steps=2"]).lr_schedule
+    assert [r["lr"] for r in started] == [schedule.lr(9), schedule.lr(10)]
+    history = json.loads((cwd / "outputs" / "warm" / "history.jsonl").read_text().splitlines()[0])
+    assert history["start"] == "weights"
+    assert history["weights"] == {"checkpoint": str(checkpoint.resolve()), "step": 8, "data": "continue"}
+    # from step 1 on fresh data: the parent's weights, not new ones (a lower first loss than the parent's)
+    fresh = ok(run_ramp([*warm, "run.name=fresh"], cwd=cwd, cache_dir=cache_dir, nproc=nproc))
+    assert "the schedule from step 1, the data from its start" in fresh.stdout + fresh.stderr
+    first = read_metrics(cwd / "outputs" / "fresh")[0][0]
+    assert first["step"] == 1
+    assert first["loss"] < read_metrics(cwd / "outputs" / "parent")[0][0]["loss"] - 1.0

@@ -15,9 +15,10 @@ from typing import Any
 
 import psutil
 import pytest
-import torch
 
 from tests.helpers import (
+    ddp_param_groups,
+    deepspeed_param_groups,
     kill_job,
     launch_ramp,
     own_lines,
@@ -52,21 +53,6 @@ def series(run_dir: Path) -> list[tuple[Any, ...]]:
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
-
-
-def deepspeed_param_groups(step_dir: Path) -> list[dict[str, Any]]:
-    """The torch optimizer's parameter groups as DeepSpeed saved them (ZeRO 2, one rank)."""
-    from trainer.backends.deepspeed import weights_only_loads
-
-    with weights_only_loads():
-        state = torch.load(step_dir / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    groups: list[dict[str, Any]] = state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
-    return groups
-
-
-def ddp_param_groups(step_dir: Path) -> list[dict[str, Any]]:
-    groups: list[dict[str, Any]] = torch.load(step_dir / "optimizer.pt", weights_only=True)["param_groups"]
-    return groups
 
 
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])

@@ -197,3 +197,24 @@ def test_wsd_s_periods_that_cannot_hold_their_decay_are_refused() -> None:
         with pytest.raises(ConfigError) as excinfo:
             compose(["schedule=wsd_s", *overrides])
         assert needle in str(excinfo.value), overrides
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (
+            ["init.weights=CKPT", "branch.checkpoint=CKPT", "branch.decay_steps=3"],
+            "branch.checkpoint and init.weights both",
+        ),
+        (["init.weights=CKPT", "run.resume=CKPT"], "init.weights and run.resume="),
+        (["init.step=-1"], "init.step=-1 must be >= 0"),
+        (["init.data=later"], "init.data=later must be fresh or continue"),
+    ],
+)
+def test_a_start_from_weights_that_cannot_be_is_refused(
+    overrides: list[str], needle: str, tmp_path: Path
+) -> None:
+    parent = fake_checkpoint(tmp_path, 30)
+    with pytest.raises(ConfigError) as excinfo:
+        compose([o.replace("CKPT", str(parent)) for o in overrides])
+    assert needle in str(excinfo.value)

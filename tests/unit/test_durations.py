@@ -24,6 +24,7 @@ REQUIRED: dict[str, dict[str, Any]] = {
     "cosine_with_min_lr": {"min_lr_rate": 0.1},
     "cosine_warmup_with_min_lr": {"min_lr_rate": 0.1},
     "warmup_stable_decay": {"num_decay_steps": 20},
+    "wsd_s": {"period_steps": [40, 40, 40], "num_decay_steps": 10},
 }
 BATCHING = Batching(seq_len=64, micro_batch_size=4, grad_accum_steps=3, world_size=2, samples_per_epoch=1000)
 """24 samples, 1,536 tokens a step; an epoch of 1,000 samples is 42 steps as the HF Trainer counts them

@@ -82,3 +82,24 @@ def expected_parameters(arch: str, vocab: int) -> int:
 @pytest.mark.parametrize(("tokens", "padded"), [(1, 64), (64, 64), (256, 256), (257, 320), (50_257, 50_304)])
 def test_padded_vocab_size(tokens: int, padded: int) -> None:
     assert padded_vocab_size(tokens) == padded
+
+
+def test_optim_groups_take_parameters_by_pattern_and_dimension(built: tuple[Config, nn.Module]) -> None:
+    cfg, model = built
+    embed = "*wte*" if cfg.model.name.startswith("gpt2") else "*embed_tokens*"
+    groups_key = (
+        f"optim.groups=[{{name: embed, match: ['{embed}'], lr_mult: 0.1, weight_decay: 0.0}},"
+        " {name: vectors, ndim: 1, lr_mult: 2.0}]"
+    )
+    optim = compose([f"model={cfg.model.name}", groups_key]).optim
+    groups = {group["name"]: group for group in param_groups(model, optim)}
+    named = dict(model.named_parameters())
+    members = {
+        name: {n for n, p in named.items() if any(p is q for q in g["params"])} for name, g in groups.items()
+    }
+    assert members["embed"] == {n for n in named if embed.strip("*") in n}
+    assert members["vectors"] == {n for n, p in named.items() if p.ndim == 1} - members["embed"]
+    assert members["decay"] == set(named) - members["embed"] - members["vectors"]
+    assert "no_decay" not in groups
+    assert [groups[n]["weight_decay"] for n in ("decay", "embed", "vectors")] == [0.1, 0.0, 0.1]
+    assert optim.lr_mults() == {"decay": 1.0, "no_decay": 1.0, "embed": 0.1, "vectors": 2.0}

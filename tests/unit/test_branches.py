@@ -146,7 +146,9 @@ def olmo_wsds(
 ) -> float:
     """Transcribed from ai2-olmo-core 3.0.0, olmo_core/optim/scheduler.py, ``WSDS.get_lr`` with
     ``_linear_warmup`` and ``_linear_decay`` (warmup_min_lr 0, no period_lr_multipliers). The package
-    itself needs cached-path, pandas and more than ramp installs, so its formula is copied here."""
+    installs here with torch pinned, but it pins filelock<4 and, through cached-path, huggingface_hub 1.x:
+    it would move the test environment's transformers and datasets off the versions ramp runs with, so
+    its formula is copied here instead."""
     adjusted = [period_lengths[0] - warmup, *period_lengths[1:]]
     cum_end = list(itertools.accumulate(adjusted))
     if current < warmup:

@@ -140,6 +140,18 @@ def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_wandb_group(run_file: Path) -> str:
+    """The group of a wandb offline run, from its run record."""
+    from wandb.proto import wandb_internal_pb2
+
+    for payload in _wandb_payloads(run_file.read_bytes()):
+        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]  # generated, no stubs
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "run":
+            return str(record.run.run_group)
+    raise AssertionError(f"{run_file} holds no run record")
+
+
 def wandb_runs(run_dir: Path) -> list[Path]:
     """The offline run files under a run folder."""
     return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))

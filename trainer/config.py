@@ -679,7 +679,7 @@ class WandbConfig:
     name: str | None = setting(None, on_resume=OnResume.applies)
     """wandb run name; default: run.name."""
     group: str | None = setting(None, on_resume=OnResume.applies)
-    """wandb group."""
+    """wandb group; default: run.name, and a branch's parent's group, so a run and its branches group together."""
     tags: list[str] = setting(factory=list, on_resume=OnResume.applies)
     """wandb tags."""
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers import read_metrics, run_ramp, snapshot
+from tests.helpers import read_metrics, read_wandb_group, run_ramp, snapshot, wandb_runs
 from trainer.config import compose
 from trainer.plot import main as plot_main
 
@@ -199,3 +199,30 @@ def test_a_run_from_weights_alone_has_the_parents_weights_and_its_own_optimizer_
     first = read_metrics(cwd / "outputs" / "fresh")[0][0]
     assert first["step"] == 1
     assert first["loss"] < read_metrics(cwd / "outputs" / "parent")[0][0]["loss"] - 1.0
+
+
+def test_a_branch_is_grouped_with_its_parent_in_wandb(tmp_path: Path, cache_dir: Path) -> None:
+    offline = [*(o for o in COMMON if not o.startswith("logger.wandb.mode")), "logger.wandb.mode=offline"]
+    ok(
+        run_ramp(
+            [*offline, "schedule=constant_with_warmup", "train.max_steps=3", "run.name=stable"],
+            cwd=tmp_path,
+            cache_dir=cache_dir,
+            nproc=0,
+        )
+    )
+    checkpoint = tmp_path / "outputs" / "stable" / "checkpoints" / "step_3"
+    branch = [f"branch.checkpoint={checkpoint}", "branch.decay_steps=2", "run.name=cool"]
+    ok(
+        run_ramp(
+            [*offline, "schedule=constant_with_warmup", "train.max_steps=3", *branch],
+            cwd=tmp_path,
+            cache_dir=cache_dir,
+            nproc=0,
+        )
+    )
+    (parent_run,), (branch_run,) = (
+        wandb_runs(tmp_path / "outputs" / "stable"),
+        wandb_runs(tmp_path / "outputs" / "cool"),
+    )
+    assert read_wandb_group(parent_run) == read_wandb_group(branch_run) == "stable"

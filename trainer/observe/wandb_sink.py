@@ -114,6 +114,19 @@ def _jsonl_records(path: Path, after: int, through: int) -> list[dict[str, Any]]
     return [r for r in records if after < r["step"] <= through]
 
 
+def default_group(config: dict[str, Any]) -> str:
+    """The wandb group of a run that sets none: its run name; a branch's (branch.checkpoint), its parent's
+    group, so a run and all its branches group together."""
+    parent = (config.get("branch") or {}).get("checkpoint")
+    if parent:
+        try:
+            saved = json.loads((Path(parent) / "meta.json").read_text())["config"]
+            return str(saved["logger"]["wandb"]["group"] or saved["run"]["name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return str(config["run"]["name"])
+
+
 class WandbSink:
     """Writes every record to the job's one wandb run, against the global step."""
 
@@ -130,7 +143,7 @@ class WandbSink:
                 project=settings.project,
                 entity=settings.entity,
                 name=settings.name or run_name,
-                group=settings.group,
+                group=settings.group or default_group(config),
                 tags=list(settings.tags),
                 mode=settings.mode,
                 dir=str(run_dir),

@@ -142,8 +142,8 @@ MUTANTS = [
     Mutant(
         "warmup_ratio rounded down",
         "trainer/schedules.py",
-        "warmup = math.ceil(cfg.warmup_ratio * max_steps)",
-        "warmup = int(cfg.warmup_ratio * max_steps)",
+        'given = ("schedule.warmup_ratio", math.ceil(cfg.warmup_ratio * max_steps))',
+        'given = ("schedule.warmup_ratio", int(cfg.warmup_ratio * max_steps))',
         (f"{UNIT}/test_schedules.py",),
     ),
     Mutant(

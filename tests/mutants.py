@@ -226,6 +226,22 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "a sweep's jobs share one run folder",
+        "trainer/sweep.py",
+        '        dcfg.run.name = f"{sweep_name}/{folder}"',
+        "        dcfg.run.name = sweep_name",
+        (
+            f"{E2E}/test_sweeps.py::test_a_sweep_in_one_process_gives_each_job_its_folder_and_the_run_started_alone",
+        ),
+    ),
+    Mutant(
+        "a sweep under torchrun leaves after its first job",
+        "trainer/main.py",
+        "    if job is not None and outcome is Outcome.preempted:",
+        '    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (job is not None and outcome is Outcome.preempted):',
+        (f"{E2E}/test_sweeps.py::test_a_sweep_under_torchrun_runs_every_job_on_both_ranks",),
+    ),
+    Mutant(
         "the open log interval not restored on resume",
         "trainer/resume.py",
         '            meter.load_state_dict(rank_state["meter"])',

@@ -78,7 +78,7 @@ def setup(threads: int | None = None) -> DistInfo:
         device = torch.device("cpu")
         # Ranks on one node share its cores; oversubscribing them slows every rank down.
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world_size))
-    if world_size > 1:
+    if world_size > 1 and not dist.is_initialized():  # a sweep's next job keeps the group of the last
         backend = "nccl" if device.type == "cuda" else "gloo"
         store = _store_for_restart_round()
         if store is None:
@@ -144,8 +144,9 @@ def broadcast_object(value: object, info: DistInfo) -> object:
     return holder[0]
 
 
-def teardown() -> None:
-    """Leave the process group safely.
+def teardown(leave: bool = True) -> None:
+    """Leave the process group safely (with ``leave=False``, a sweep's job that the next one follows:
+    collect, wait for every rank, keep the group).
 
     With gloo, destroying the process group while a DDP-wrapped model is still alive makes torch
     2.13 abort at exit now and then. Callers drop their references to the model and optimizer first;
@@ -154,4 +155,5 @@ def teardown() -> None:
     gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if leave:
+            dist.destroy_process_group()

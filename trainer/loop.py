@@ -356,6 +356,7 @@ class Trainer:
             "tokenizer_vocab": self.data.vocab_size,
             "eos_id": self.data.eos_id,
             "config": self.config,
+            "max_steps": self.schedule.max_steps,
         }
         root = self.run_dir / "checkpoints"
         keep = self.cfg.train.keep_checkpoints

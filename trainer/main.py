@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from trainer import distributed, export, resume
+from trainer import distributed, export, resume, sweep
 from trainer.backends import build_backend
 from trainer.config import Config, conf_dir, register_configs, to_config
 from trainer.data import Data, build_data
@@ -56,8 +56,9 @@ def build_initial_model(
     return model, (Path(str(cfg.init.weights)), export.load_weights(cfg, model, data.vocab_size))
 
 
-def train(dcfg: DictConfig) -> Outcome:
-    """One run from a composed config: plan, accept the start, build, restore, record, fit, close.
+def train(dcfg: DictConfig, last: bool = True) -> Outcome:
+    """One run from a composed config: plan, accept the start, build, restore, record, fit, close. A
+    sweep's jobs before the ``last`` keep the process group for the next.
 
     Raises:
         ConfigError: a configuration or a start that cannot be, before anything is written.
@@ -75,7 +76,7 @@ def train(dcfg: DictConfig) -> Outcome:
     schedule = cfg.schedule_for(info.world_size, data.train.num_samples)  # lengths in every unit, in steps
     stop_step = cfg.stop_step(schedule.clock) if schedule.clock else None
     if start and resume.nothing_to_train(start, schedule.max_steps, stop_step):
-        distributed.teardown()
+        distributed.teardown(last)
         return Outcome.finished
     model, weights = build_initial_model(cfg, data, schedule.max_steps, warm=start is None)
     trainer = Trainer(cfg, info, build_backend(cfg, model, info), data, schedule, plan.run_dir, resolved)
@@ -100,7 +101,7 @@ def train(dcfg: DictConfig) -> Outcome:
     if outcome == Outcome.finished:
         log.info("ramp | done: %d steps, %d tokens | %s", state.global_step, state.tokens, plan.run_dir)
     del trainer  # before the process group goes away (see distributed.teardown)
-    distributed.teardown()
+    distributed.teardown(last)
     return outcome
 
 
@@ -125,13 +126,29 @@ def _exit(code: int, message: str | None = None) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
-def main(dcfg: DictConfig) -> None:
-    """Hydra's entry point: train, and turn ramp's errors into one line and their exit code."""
-    exit_with_parent()
+def run_job(dcfg: DictConfig) -> None:
+    """Hydra's task function, once per run (or per job of a ``-m`` sweep, see :mod:`trainer.sweep`):
+    train, and turn ramp's errors into one line, naming the sweep's job, and their exit code."""
+    job = sweep.current_job(sys.argv)
     try:
-        train(dcfg)
+        if job is not None:
+            sweep.prepare(dcfg, job)
+        outcome = train(dcfg, last=job is None or job.number == job.total - 1)
     except (ConfigError, TrainingHalted) as err:
-        _exit(err.exit_code, str(err))
+        _exit(err.exit_code, f"{job.describe()}: {err}" if job else str(err))
+    if job is not None and outcome is Outcome.preempted:  # the same command later resumes the sweep here
+        distributed.teardown()
+        _exit(0)
+
+
+def main() -> None:
+    """``python -m trainer.main``: one run, or every job of a sweep in turn on all ranks; then leave."""
+    exit_with_parent()
+    hydra_dir = sweep.hydra_sweep_dir_override(distributed.env_rank())
+    if hydra_dir:
+        sys.argv.append(hydra_dir)
+    run_job()
+    distributed.teardown()  # a sweep may end with the group still up (nothing if it is gone)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit(0)
 

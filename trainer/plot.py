@@ -1,17 +1,23 @@
-"""``python -m trainer.plot RUN_DIR [RUN_DIR ...] [--out PNG]``: loss, val_loss and lr against the global step.
+"""``python -m trainer.plot RUN_DIR [RUN_DIR ...] [--out PNG]``: loss, val_loss and lr against the global step;
+``python -m trainer.plot --sweep SWEEP_DIR``: a sweep's report.
 
 Reads ``RUN_DIR/metrics.jsonl`` (each step once, a resumed run included) and writes
 ``RUN_DIR/metrics.png``: training and validation loss on top, the learning rate below, on one
 shared axis of optimizer steps. Given several run folders (a parent and its branches, see
 ``branch.*``), it overlays them into ``<first RUN_DIR>/branches.png``: loss and val_loss on top, lr
-below, against the global step (left) and against tokens (right), one colour per run.
+below, against the global step (left) and against tokens (right), one colour per run. Given a sweep's
+folder (``--sweep outputs/<sweep name>``, see :mod:`trainer.sweep`), it prints every job's final and
+best validation loss, steps and status, best first, and writes ``sweep.png``: the loss curves coloured
+by the swept value, the final validation loss against it, and the LR curves.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +125,156 @@ def overlay(runs: list[Run]) -> Figure:
     return figure
 
 
+@dataclass(frozen=True)
+class SweepJob:
+    """One job of a sweep folder, read back: its swept values, records and how far it got."""
+
+    folder: str
+    """Its run folder's name: the swept overrides, e.g. ``optim.lr=0.001``."""
+    values: dict[str, str]
+    train: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    status: str
+    """finished (its last checkpoint is at the run's length), interrupted, or not run."""
+
+    @property
+    def final_val_loss(self) -> float:
+        """The last evaluation's loss (nan without one)."""
+        return float(self.evals[-1]["val_loss"]) if self.evals else math.nan
+
+    @property
+    def best_val_loss(self) -> float:
+        """The lowest evaluation loss (nan without one)."""
+        return min((float(e["val_loss"]) for e in self.evals), default=math.nan)
+
+
+def _expected_folders(sweep_dir: Path) -> list[str]:
+    """The job folders the sweep's command asks for, in its order (from Hydra's multirun.yaml)."""
+    import itertools
+
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    saved = sweep_dir / ".hydra" / "multirun.yaml"
+    if not saved.exists():
+        return []
+    task = yaml.safe_load(saved.read_text())["hydra"]["overrides"]["task"]
+    sweeps = [o for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()]
+    values = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] for o in sweeps]
+    return [",".join(sorted(combo)) for combo in itertools.product(*values)]
+
+
+def _status(run_dir: Path) -> str:
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.exists():
+        meta = json.loads((run_dir / "checkpoints" / latest.read_text().strip() / "meta.json").read_text())
+        if meta.get("max_steps", 0) and meta["step"] >= meta["max_steps"]:
+            return "finished"
+    return "interrupted" if (run_dir / "metrics.jsonl").exists() else "not run"
+
+
+def sweep_jobs(sweep_dir: Path) -> list[SweepJob]:
+    """Every job of a sweep folder (``outputs/<sweep name>``): those its command asks for, and any other
+    run folder in it, each with its records and status."""
+    found = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = _expected_folders(sweep_dir)
+    names += [name for name in found if name not in names]
+    jobs = []
+    for name in names:
+        run_dir = sweep_dir / name
+        train, evals = read_records(run_dir) if (run_dir / "metrics.jsonl").exists() else ([], [])
+        values = dict(item.split("=", 1) for item in name.split(",") if "=" in item)
+        jobs.append(SweepJob(name, values, train, evals, _status(run_dir) if run_dir.exists() else "not run"))
+    return jobs
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def sweep_figure(jobs: list[SweepJob], title: str) -> Figure:
+    """Three panels: every job's loss against the step, coloured by its swept value; the final validation
+    loss against the first swept key's value (a log axis for positive numbers); every job's LR curve.
+    Each job's lines are labelled with its folder name."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    ran = [job for job in jobs if job.train]
+    key = next(iter(ran[0].values), None) if ran else None
+    numbers = [_number(job.values.get(key, "")) if key else None for job in ran]
+    order = sorted(range(len(ran)), key=lambda i: (numbers[i] is None, numbers[i] or 0.0, ran[i].folder))
+    palette = colormaps["viridis"]
+    colour = {i: palette(rank / max(1, len(ran) - 1)) for rank, i in enumerate(order)}
+    figure = Figure(figsize=(13, 4), dpi=100, layout="constrained")
+    losses, finals, lrs = figure.subplots(1, 3)
+    for i, job in enumerate(ran):
+        steps = [r["step"] for r in job.train]
+        losses.plot(steps, [r["loss"] for r in job.train], color=colour[i], label=job.folder, linewidth=1.1)
+        lrs.plot(steps, [r["lr"] for r in job.train], color=colour[i], label=job.folder)
+    points = sorted(
+        (float(number), job.final_val_loss, i)
+        for i, (job, number) in enumerate(zip(ran, numbers, strict=True))
+        if number is not None and not math.isnan(job.final_val_loss)
+    )
+    if points:
+        finals.plot(
+            [p[0] for p in points], [p[1] for p in points], color="0.6", linewidth=1, label="final val_loss"
+        )
+        finals.scatter(
+            [p[0] for p in points], [p[1] for p in points], c=[colour[p[2]] for p in points], zorder=3
+        )
+        if all(p[0] > 0 for p in points):
+            finals.set_xscale("log")
+            finals.xaxis.set_minor_formatter(NullFormatter())
+    finals.set_xlabel(key or "swept value")
+    finals.set_ylabel("final val_loss (nats/token)")
+    losses.set_xlabel("global step (optimizer steps)")
+    losses.set_ylabel("loss (nats/token)")
+    losses.set_title(title, fontsize=10)
+    losses.legend(fontsize=7, loc="upper right")
+    lrs.set_xlabel("global step (optimizer steps)")
+    lrs.set_ylabel("learning rate")
+    lrs.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for axes in (losses, finals, lrs):
+        axes.grid(alpha=0.3)
+    return figure
+
+
+def sweep_table(jobs: list[SweepJob]) -> str:
+    """The jobs sorted by final validation loss (those without one last): overrides, steps, status."""
+    ordered = sorted(jobs, key=lambda j: (math.isnan(j.final_val_loss), j.final_val_loss, j.folder))
+    width = max([len("job"), *(len(job.folder) for job in jobs)])
+    lines = [f"{'job':<{width}}  {'steps':>7}  {'final val':>9}  {'best val':>9}  status"]
+    for job in ordered:
+        steps = job.train[-1]["step"] if job.train else 0
+        lines.append(
+            f"{job.folder:<{width}}  {steps:>7}  {job.final_val_loss:>9.4f}  {job.best_val_loss:>9.4f}  {job.status}"
+        )
+    return "\n".join(lines)
+
+
+def sweep_report(sweep_dir: Path, out: Path | None) -> Figure:
+    """Print the sweep's table and write its figure (default ``SWEEP_DIR/sweep.png``).
+
+    Raises:
+        SystemExit: status 2 when the folder holds no job with a training record.
+    """
+    jobs = sweep_jobs(sweep_dir) if sweep_dir.is_dir() else []
+    if not any(job.train for job in jobs):
+        print(f"plot: error: --sweep {sweep_dir} holds no job with a training record", file=sys.stderr)
+        raise SystemExit(2)
+    figure = sweep_figure(jobs, f"{sweep_dir.resolve().name}: {len(jobs)} jobs")
+    out = out or sweep_dir / "sweep.png"
+    figure.savefig(out)
+    print(sweep_table(jobs))
+    print(f"wrote {out}")
+    return figure
+
+
 def main(argv: list[str] | None = None) -> Figure:
     """Plot the run folder named in ``argv`` (default: the command line) into a PNG; the figure.
 
@@ -131,9 +287,12 @@ def main(argv: list[str] | None = None) -> Figure:
     parser.add_argument(
         "run_dirs",
         type=Path,
-        nargs="+",
+        nargs="*",
         metavar="RUN_DIR",
         help="run folders (run.dir), holding metrics.jsonl",
+    )
+    parser.add_argument(
+        "--sweep", type=Path, default=None, help="a sweep's folder (outputs/<sweep name>): its report"
     )
     parser.add_argument(
         "--out",
@@ -142,6 +301,10 @@ def main(argv: list[str] | None = None) -> Figure:
         help="PNG path (default: RUN_DIR/metrics.png, or branches.png for several)",
     )
     args = parser.parse_args(argv)
+    if args.sweep is not None:
+        return sweep_report(args.sweep, args.out)
+    if not args.run_dirs:
+        parser.error("give a RUN_DIR, or --sweep SWEEP_DIR")
     runs: list[Run] = []
     for run_dir in args.run_dirs:
         try:

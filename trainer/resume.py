@@ -171,6 +171,8 @@ class CheckpointMeta:
     """The resolved configuration of the run that wrote it (secrets masked)."""
     format: int = checkpoint.FORMAT_VERSION
     """The checkpoint format's version."""
+    max_steps: int = 0
+    """The run's length in steps when it was saved (0: not recorded, a checkpoint of an older ramp)."""
 
 
 def read_meta(folder: Path) -> CheckpointMeta:

@@ -1,0 +1,103 @@
+"""Hydra multirun sweeps: every job in its own run folder, all ranks together, the sweep's failures named.
+
+``python -m trainer.main -m 'optim.lr=1e-3,2e-3'`` (or the same under ``torchrun``) runs each job of the
+sweep in turn on every rank of one process group. This module decides, before a job's config is
+checked, where the job writes and how it is named:
+
+- **The folder.** Each job's ``run.name`` becomes ``<sweep name>/<swept values>`` (the sweep name is
+  ``run.name``, default the model's name), so its folder is ``outputs/<sweep name>/optim.lr=0.001``:
+  named from the swept keys only, sorted, as Hydra's ``override_dirname`` is. A ``run.dir`` given
+  on the command line wins, when it differs between jobs (a swept key interpolated in it); a fixed one
+  that every job would share is refused.
+- **The group.** Each job's wandb group is the sweep's name (unless ``logger.wandb.group`` is given).
+- **Hydra's own folder.** The sweep's ``multirun.yaml`` goes under ``outputs/<sweep name>/.hydra``,
+  written by rank 0 alone (:func:`hydra_sweep_dir_override` sends the other ranks' copy to a
+  temporary folder).
+
+A resumed sweep is the same command again: a finished job finds nothing to train, an interrupted one
+resumes its newest checkpoint, the rest start.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of a running Hydra multirun."""
+
+    number: int
+    """0-based, in the sweep's order."""
+    total: int
+    """Jobs in the sweep."""
+    overrides: tuple[str, ...]
+    """This job's overrides, as Hydra expanded them."""
+    swept: tuple[str, ...]
+    """This job's overrides of the swept keys, sorted: its folder's name."""
+
+    def describe(self) -> str:
+        """``sweep job 2 of 3 (optim.lr=0.002)``, for messages."""
+        return f"sweep job {self.number + 1} of {self.total} ({', '.join(self.swept) or 'no swept key'})"
+
+
+def _command_overrides(argv: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [arg for arg in argv[1:] if "=" in arg and not arg.startswith("-")]
+    return list(OverridesParser.create().parse_overrides(given))
+
+
+def current_job(argv: list[str]) -> Job | None:
+    """The multirun job this process is running (Hydra's runtime config), or None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra_cfg = HydraConfig.get()
+    sweeps = [o for o in _command_overrides(argv) if o.is_sweep_override()]
+    keys = {o.key_or_group for o in sweeps}
+    task = tuple(str(o) for o in hydra_cfg.overrides.task)
+    swept = tuple(sorted(o for o in task if o.split("=", 1)[0].lstrip("+~") in keys))
+    total = math.prod(len(list(o.sweep_string_iterator())) for o in sweeps) if sweeps else 1
+    return Job(int(hydra_cfg.job.num), total, task, swept)
+
+
+def prepare(dcfg: Any, job: Job) -> None:
+    """Give the job its own folder and the sweep's wandb group, in its composed config (before checks).
+
+    Raises:
+        ConfigError: a ``run.dir`` every job of the sweep would share.
+    """
+    given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in job.overrides if "=" in o}
+    sweep_name = str(dcfg.run.name)
+    if "run.dir" in given:
+        shared = "${" not in given["run.dir"] and not any(s.startswith("run.dir=") for s in job.swept)
+        if shared and job.total > 1:
+            raise ConfigError(
+                f"run.dir={given['run.dir']} is the same for all {job.total} jobs of this sweep, which would "
+                "share one run folder; drop it (each job then gets outputs/<run.name>/<swept values>) or "
+                "interpolate a swept key in it, e.g. 'run.dir=outputs/lr_${optim.lr}'"
+            )
+    elif job.swept:
+        folder = ",".join(override.replace(os.sep, "_") for override in job.swept)
+        dcfg.run.name = f"{sweep_name}/{folder}"
+    if dcfg.logger.wandb.group is None:
+        dcfg.logger.wandb.group = sweep_name
+
+
+def hydra_sweep_dir_override(rank: int) -> str | None:
+    """For ranks other than 0, an override that sends Hydra's sweep folder (``multirun.yaml``) to a
+    folder of that rank's in the system's temporary folder (reused, never the run's), so only rank 0
+    writes into ``outputs``."""
+    if rank == 0:
+        return None
+    return f"hydra.sweep.dir={Path(tempfile.gettempdir()) / f'ramp-hydra-sweep-rank{rank}'}"

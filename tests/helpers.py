@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -413,3 +414,20 @@ def ddp_param_groups(step_dir: Path) -> list[dict[str, Any]]:
 
     groups: list[dict[str, Any]] = torch.load(step_dir / "optimizer.pt", weights_only=True)["param_groups"]
     return groups
+
+
+def kill_when(
+    ready: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float = 240
+) -> None:
+    """SIGKILL the launched job (:func:`kill_job`) as soon as ``ready()``; fail with the log's tail if it ends
+    first or ``timeout`` seconds pass. The job is killed whatever happens."""
+    import time
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+    finally:
+        kill_job(proc)

@@ -3,6 +3,7 @@ given in steps, and the records say where each step stands in every unit."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from tests.helpers import (
     kill_job,
+    kill_when,
     launch_ramp,
     megatron_lrs,
     read_metrics,
@@ -141,27 +143,23 @@ def test_a_batch_schedule_trains_each_stage_at_megatrons_sample_based_lr(
     )
 
 
+def reached(run_dir: Path, step: int) -> bool:
+    return train_steps(run_dir) >= step
+
+
 def test_a_batch_schedule_run_killed_around_its_batch_changes_resumes_bit_identical(
     tmp_path: Path, cache_dir: Path, ramp_reference: tuple[Path, str]
 ) -> None:
     """SIGKILL the 2-rank job right after each batch change (steps 5 and 8) and at random moments."""
     run_dir, log = tmp_path / "outputs" / "ramp", tmp_path / "job.log"
     rng = random.Random(15)
-    for moment in (5, 8, "random", "random"):
+    for moment in (5, 8, 0, 0):  # 0: a random moment
         proc = launch_ramp(RAMP, cwd=tmp_path, cache_dir=cache_dir, log=log)
-        try:
-            if moment == "random":
-                time.sleep(rng.uniform(0.5, 6.0))
-            else:
-                deadline = time.monotonic() + 180
-                while train_steps(run_dir) < int(moment):
-                    assert proc.poll() is None, log.read_text()[-3000:]
-                    assert time.monotonic() < deadline, log.read_text()[-3000:]
-                    time.sleep(0.01)
+        if moment:
+            kill_when(functools.partial(reached, run_dir, moment), proc, log)
+        else:
+            time.sleep(rng.uniform(0.5, 6.0))
             kill_job(proc)
-        finally:
-            if proc.poll() is None:
-                kill_job(proc)
     ok(run_ramp(RAMP, cwd=tmp_path, cache_dir=cache_dir))
     assert series(run_dir) == series(ramp_reference[0])
 
@@ -184,16 +182,7 @@ def test_deepspeed_follows_the_batch_schedule_and_resumes_across_a_change_exactl
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in ddp], rel=1e-4)
     run_dir, log = tmp_path / "outputs" / "ds", tmp_path / "job.log"
     proc = launch_ramp(DEEPSPEED_RAMP, cwd=tmp_path, cache_dir=cache_dir, log=log)
-    try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoints" / "step_6").exists():  # inside the second stage
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.01)
-        kill_job(proc)
-    finally:
-        if proc.poll() is None:
-            kill_job(proc)
+    kill_when((run_dir / "checkpoints" / "step_6").exists, proc, log)  # inside the second stage
     result = ok(run_ramp(DEEPSPEED_RAMP, cwd=tmp_path, cache_dir=cache_dir))
     assert "resuming from outputs/ds/checkpoints/step_" in result.stdout
     assert series(run_dir) == series(unbroken)

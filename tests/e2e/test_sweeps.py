@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import kill_job, launch_ramp, read_metrics, run_ramp, train_steps
+from tests.helpers import kill_when, launch_ramp, read_metrics, run_ramp, train_steps
 
 pytestmark = pytest.mark.slow
 
@@ -163,16 +162,7 @@ def test_an_interrupted_sweep_rerun_ends_equal_to_an_unbroken_one(
     command = ["-m", *RUN, f"optim.lr={','.join(LRS)}", "run.name=lrs"]
     second, log = tmp_path / "outputs" / "lrs" / f"optim.lr={LRS[1]}", tmp_path / "job.log"
     proc = launch_ramp(command, cwd=tmp_path, cache_dir=cache_dir, log=log, nproc=0)
-    try:
-        deadline = time.monotonic() + 240
-        while train_steps(second) < 2:  # inside the second job
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.02)
-        kill_job(proc)
-    finally:
-        if proc.poll() is None:
-            kill_job(proc)
+    kill_when(lambda: train_steps(second) >= 2, proc, log)  # inside the second job
     assert not (tmp_path / "outputs" / "lrs" / f"optim.lr={LRS[2]}").exists()
     result = ok(run_ramp(command, cwd=tmp_path, cache_dir=cache_dir, nproc=0))
     assert "already reached train.max_steps=4" in result.stdout + result.stderr  # the first job is skipped

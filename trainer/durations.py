@@ -208,6 +208,8 @@ class Batching:
 
 
 BATCH_KEY = "train.batch_schedule"
+MAX_BATCH = 2**31 - 1
+"""The largest global batch a batch schedule may name, in sequences."""
 
 
 def parse_batch_schedule(text: str) -> tuple[BatchStage, ...]:
@@ -221,13 +223,16 @@ def parse_batch_schedule(text: str) -> tuple[BatchStage, ...]:
     key, stages = BATCH_KEY, []
     for item in str(text).split():
         start, sep, batch = item.partition(":")
-        _check(bool(sep), f"{key}: {item!r} is not TOKENS:BATCH; write e.g. {key}='0:256 2B:512'")
-        global_batch = parse_count(batch, key)
         _check(
-            global_batch >= 1 and global_batch == int(global_batch),
-            f"{key}: batch {batch} in {item!r} must be a whole number of sequences, at least 1",
+            bool(sep) and "," not in item,
+            f"{key}: {item!r} is not TOKENS:BATCH; separate the stages with spaces, e.g. {key}='0:256 2B:512'",
         )
-        stages.append(BatchStage(int(parse_count(start, key)), int(global_batch)))
+        global_batch = parse_count(batch, f"{key}: the batch of {item!r}")
+        _check(
+            1 <= global_batch <= MAX_BATCH and global_batch == int(global_batch),
+            f"{key}: batch {batch} in {item!r} must be a whole number of sequences from 1 to {MAX_BATCH:,}",
+        )
+        stages.append(BatchStage(int(parse_count(start, f"{key}: the start of {item!r}")), int(global_batch)))
     _check(
         bool(stages) and stages[0].start_tokens == 0,
         f"{key}={text!r} must start at 0 tokens, e.g. {key}='0:256 2B:512'",
@@ -265,6 +270,11 @@ class BatchRamp:
     def __post_init__(self) -> None:
         per_pass = self.micro_batch_size * self.world_size
         for stage in self.stages:
+            if self.samples_per_epoch is not None and stage.global_batch > self.samples_per_epoch:
+                raise ConfigError(
+                    f"{BATCH_KEY}: a global batch of {stage.global_batch:,} sequences is more than the "
+                    f"{self.samples_per_epoch:,} training samples of the data; lower it"
+                )
             _check(
                 stage.global_batch % per_pass == 0,
                 f"{BATCH_KEY}: a global batch of {stage.global_batch} is not a multiple of train.micro_batch_size "

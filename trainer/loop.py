@@ -29,7 +29,7 @@ from trainer.config import Config, OnNan
 from trainer.data import Data
 from trainer.data.sampler import WindowSampler
 from trainer.distributed import DistInfo
-from trainer.durations import Clock
+from trainer.durations import BatchRamp, Clock
 from trainer.errors import TrainingHalted
 from trainer.models import causal_lm_loss, count_parameters
 from trainer.observe import Recorder, job_log
@@ -240,21 +240,28 @@ class Trainer:
         t, world, clock, schedule = self.cfg.train, self.info.world_size, self.clock, self.schedule
         per_epoch = self.data.train.num_samples
 
-        def units(step: int) -> str:
+        def units(step: int, samples_exactly: int | None = None) -> str:
+            """In every unit; under a batch schedule a point in samples may fall inside a step."""
+            if isinstance(clock, BatchRamp) and samples_exactly is not None:
+                return (
+                    f"{samples_exactly:,} samples = {samples_exactly * t.seq_len:,} tokens = "
+                    f"{samples_exactly / per_epoch:.3g} epochs (reached in step {step})"
+                )
             samples = clock.samples_after(step)
             return (
-                f"{step} steps = {samples * t.seq_len:,} tokens = {samples:,} samples = "
+                f"{step} step{'' if step == 1 else 's'} = {samples * t.seq_len:,} tokens = {samples:,} samples = "
                 f"{samples / per_epoch:.3g} epochs"
             )
 
         if t.max_steps is not None and t.epochs is not None:
             log.info("ramp | train.max_steps=%d wins over train.epochs=%g", t.max_steps, t.epochs)
-        log.info("ramp | length %s | warmup %s", units(schedule.max_steps), units(schedule.warmup_steps))
-        log.info("ramp | decay starts after %s", units(schedule.decay_start))
+        warmup = units(schedule.warmup_steps, schedule.warmup_units)
+        log.info("ramp | length %s | warmup %s", units(schedule.max_steps), warmup)
+        log.info("ramp | decay starts after %s", units(schedule.decay_start, schedule.decay_start_units))
         for segment in clock.segments_until(schedule.max_steps):
             accum = segment.global_batch // (t.micro_batch_size * world)
             log.info(
-                "ramp | from step %d (%s tokens): %d sequences a step = %s tokens (%d x %d x %d ranks x %d accum)",
+                "ramp | from step %d (%s tokens): %d sequences a step = %s tokens (%d x %d x %d rank%s x %d accum)",
                 segment.first_step,
                 f"{segment.samples_before * t.seq_len:,}",
                 segment.global_batch,
@@ -262,6 +269,7 @@ class Trainer:
                 t.micro_batch_size,
                 t.seq_len,
                 world,
+                "" if world == 1 else "s",
                 accum,
             )
         log.info(

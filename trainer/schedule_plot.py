@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.config import compose
-from trainer.durations import Batching, Clock, Segment
+from trainer.durations import Batching, BatchRamp, Clock, Segment
 from trainer.errors import ConfigError
 from trainer.schedules import Schedule
 
@@ -40,9 +40,16 @@ class KeyPoints:
     """(train.max_steps, the LR the last step trains at)."""
 
 
+POINTS = 20_000
+"""The most steps a curve evaluates: a longer run is drawn every ``max_steps / POINTS`` steps (and its last)."""
+
+
 def curve(schedule: Schedule) -> tuple[list[int], list[float]]:
-    """The LR of every global step 1..max_steps."""
-    steps = list(range(1, schedule.max_steps + 1))
+    """The LR of every global step 1..max_steps (of every n-th, and the last, past :data:`POINTS` steps)."""
+    stride = -(-schedule.max_steps // POINTS)
+    steps = list(range(1, schedule.max_steps + 1, stride))
+    if steps[-1] != schedule.max_steps:
+        steps.append(schedule.max_steps)
     return steps, [schedule.lr(step) for step in steps]
 
 
@@ -93,9 +100,9 @@ def draw(schedule: Schedule) -> Figure:
     for axes, xs, unit in ((by_step, steps, "global step (optimizer steps)"), (by_tokens, tokens, "tokens")):
         axes.plot(xs, lrs, label="lr", color="tab:blue", linewidth=1.6)
         if points.warmup_end is not None:
-            axes.axvline(
-                xs[points.warmup_end[0] - 1], color="0.6", linestyle=":", linewidth=1, label="warmup end"
-            )
+            end = points.warmup_end[0]
+            at = end if axes is by_step else _clock(schedule).samples_after(end) * seq_len
+            axes.axvline(at, color="0.6", linestyle=":", linewidth=1, label="warmup end")
         for i, mark in enumerate(marks["step" if axes is by_step else "tokens"]):
             label = "batch change" if i == 0 else None
             axes.axvline(mark, color="tab:orange", linestyle="--", linewidth=1, label=label)
@@ -113,7 +120,9 @@ def draw(schedule: Schedule) -> Figure:
     return figure
 
 
-def _units(clock: Clock, step: int) -> str:
+def _units(clock: Clock, step: int, samples_exactly: int | None = None) -> str:
+    if isinstance(clock, BatchRamp) and samples_exactly is not None:  # a point inside a step
+        return f"{samples_exactly:,} samples = {samples_exactly * clock.seq_len:,} tokens, in step {step:,}"
     samples = clock.samples_after(step)
     return f"step {step:,} = {samples * clock.seq_len:,} tokens = {samples:,} samples"
 
@@ -149,8 +158,8 @@ def report(schedule: Schedule) -> str:
         world = clock.world_size
         lines += [
             f"length        {_units(clock, schedule.max_steps)}",
-            f"warmup        {_units(clock, schedule.warmup_steps)}",
-            f"decay after   {_units(clock, schedule.decay_start)}",
+            f"warmup        {_units(clock, schedule.warmup_steps, schedule.warmup_units)}",
+            f"decay after   {_units(clock, schedule.decay_start, schedule.decay_start_units)}",
             f"batch stages on {world} rank{'s' if world > 1 else ''}"
             + ("" if isinstance(clock, Batching) else " (train.batch_schedule; the LR counts samples)"),
             *stage_table(schedule),

@@ -65,6 +65,11 @@ class Schedule:
     """With a batch schedule: none, or the LR times sqrt or the ratio of the step's batch to the first."""
     branch_step: int | None = None
     """With branch.*: the checkpoint's global step, after which the branch's decay replaces the schedule."""
+    warmup_units: int | None = None
+    """The warmup's length in the clock's unit, exactly (samples under a batch schedule, where a step may
+    straddle its end); None: ``warmup_steps``."""
+    decay_start_units: int | None = None
+    """Where the decay begins in the clock's unit, exactly; None: ``decay_start``."""
 
     def multiplier(self, step: int) -> float:
         """``f`` after global step ``step`` (times the batch scaling), held at its value at ``max_steps``
@@ -807,7 +812,9 @@ def branch_schedule(
         base,
         max_steps=max(end, at_step + 1),
         warmup_steps=min(base.warmup_steps, at_step),
+        warmup_units=None if base.warmup_units is None else min(base.warmup_units, at),
         decay_start=at_step,
+        decay_start_units=at,
         multiplier_fn=multiplier,
         branch_step=at_step,
     )
@@ -915,6 +922,11 @@ def warmup_from(step: int, *, multiplier: Multiplier, warmup_steps: int, start: 
 BATCH_LR_SCALINGS = ("none", "sqrt", "linear")
 
 
+MAX_STEPS = 10_000_000
+"""The longest run ramp accepts, in optimizer steps (the loop keeps every step's LR in a table); far
+above any real run, it turns a mistyped length into an error instead of an exhausted memory."""
+
+
 def build_schedule(
     cfg: ScheduleConfig,
     *,
@@ -935,6 +947,11 @@ def build_schedule(
         ConfigError: ``max_steps`` below 1, ``peak_lr`` not positive, or a schedule key out of range.
     """
     _check(max_steps >= 1, f"train.max_steps={max_steps} must be at least 1")
+    _check(
+        max_steps <= MAX_STEPS,
+        f"{length_key} is {max_steps:.3g} optimizer steps, more than ramp's limit of {MAX_STEPS:,}; check its "
+        "unit and the batch",
+    )
     _check(peak_lr > 0, f"optim.lr={peak_lr} must be > 0")
     _check(
         cfg.batch_lr_scaling in BATCH_LR_SCALINGS,
@@ -952,13 +969,16 @@ def build_schedule(
     if start > 0:
         multiplier = partial(warmup_from, multiplier=multiplier, warmup_steps=warmup, start=start)
     steps_until = (lambda units: units) if clock is None else clock.steps_until
+    decay_start = cfg.decay_start(warmup, total, clock)
     return Schedule(
         name=cfg.name,
         max_steps=max_steps,
         peak_lr=peak_lr,
         warmup_steps=steps_until(warmup),
-        decay_start=steps_until(cfg.decay_start(warmup, total, clock)),
+        decay_start=steps_until(decay_start),
         multiplier_fn=multiplier,
         clock=clock,
         batch_lr_scaling=cfg.batch_lr_scaling,
+        warmup_units=warmup,
+        decay_start_units=decay_start,
     )

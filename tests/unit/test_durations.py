@@ -249,6 +249,8 @@ def test_the_batch_schedule_reads_megatrons_form_and_counts_in_samples() -> None
         ("0:0", "whole number"),
         ("0:8 2X:16", "is not a count"),
         ("", "must start at 0 tokens"),
+        ("0:8,2k:16", "separate the stages with spaces"),
+        ("0:1e30", "must be a whole number of sequences from 1 to 2,147,483,647"),
     ],
 )
 def test_a_batch_schedule_that_is_not_one_is_refused_naming_the_key(text: str, needle: str) -> None:
@@ -342,3 +344,19 @@ def test_one_batch_stage_is_the_fixed_batch_in_samples() -> None:
     assert ramp.warmup_steps == fixed.warmup_steps == 10
     for step in range(1, 51):
         assert ramp.lr(step) == pytest.approx(fixed.lr(step), rel=1e-12)
+
+
+def test_a_warmup_that_ends_inside_a_step_is_stated_exactly() -> None:
+    """1.2k tokens of warmup are 19 samples: inside step 3 (samples 17..24) of 8 sequences a step."""
+    schedule = compose([*RAMP, "train.max_steps=60", "schedule.warmup_tokens=1.2k"]).schedule_for(2)
+    assert (schedule.warmup_units, schedule.warmup_steps) == (19, 3)
+    assert schedule.lr(1) == pytest.approx(6e-4 * 8 / 19, rel=1e-12)
+
+
+def test_a_length_past_any_real_run_is_refused_before_anything_is_built() -> None:
+    with pytest.raises(
+        ConfigError, match=r"train\.max_tokens=1e\+30 is .* optimizer steps, more than ramp's limit"
+    ):
+        compose(["train.max_tokens=1e30"])
+    with pytest.raises(ConfigError, match=r"more than the 100 training samples"):
+        BatchRamp(parse_batch_schedule("0:8 1k:128"), 64, 4, 2, samples_per_epoch=100)

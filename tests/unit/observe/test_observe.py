@@ -250,7 +250,7 @@ def test_schedule_plot_with_a_batch_schedule_draws_both_axes_and_prints_the_stag
     assert marks == {"global step (optimizer steps)": [5.0, 8.0], "tokens": [2048.0, 5120.0]}
     printed = capsys.readouterr().out.splitlines()
     assert printed[4].split() == ["length", "step", "40", "=", "72,704", "tokens", "=", "1,136", "samples"]
-    assert printed[5].split() == ["warmup", "step", "2", "=", "1,024", "tokens", "=", "16", "samples"]
+    assert printed[5].split() == ["warmup", "16", "samples", "=", "1,024", "tokens,", "in", "step", "2"]
     assert printed[7].startswith("batch stages on 2 ranks (train.batch_schedule")
     assert [line.split() for line in printed[9:12]] == [
         ["1", "0", "8", "512", "1"],

@@ -144,6 +144,10 @@ def run_job(dcfg: DictConfig) -> None:
 def main() -> None:
     """``python -m trainer.main``: one run, or every job of a sweep in turn on all ranks; then leave."""
     exit_with_parent()
+    try:
+        sweep.check_command(sys.argv)
+    except ConfigError as err:
+        _exit(err.exit_code, str(err))
     hydra_dir = sweep.hydra_sweep_dir_override(distributed.env_rank())
     if hydra_dir:
         sys.argv.append(hydra_dir)

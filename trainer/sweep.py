@@ -71,23 +71,35 @@ def current_job(argv: list[str]) -> Job | None:
     return Job(int(hydra_cfg.job.num), total, task, swept)
 
 
-def prepare(dcfg: Any, job: Job) -> None:
-    """Give the job its own folder and the sweep's wandb group, in its composed config (before checks).
+def check_command(argv: list[str]) -> None:
+    """Before Hydra writes anything: refuse a sweep whose jobs would share one ``run.dir``.
 
     Raises:
-        ConfigError: a ``run.dir`` every job of the sweep would share.
+        ConfigError: a fixed ``run.dir`` (no swept key interpolated in it) given to a sweep of 2 or more jobs.
     """
+    if not any(arg in ("-m", "--multirun") for arg in argv[1:]):
+        return
+    overrides = _command_overrides(argv)
+    sweeps = [o for o in overrides if o.is_sweep_override()]
+    total = math.prod(len(list(o.sweep_string_iterator())) for o in sweeps) if sweeps else 1
+    for override in overrides:
+        if override.key_or_group != "run.dir" or override.is_sweep_override() or total < 2:
+            continue
+        value = override.get_value_element_as_str()
+        if "${" not in value and "$\\{" not in value:
+            raise ConfigError(
+                f"run.dir={value} is the same for all {total} jobs of this sweep, which would share one run "
+                "folder; drop it (each job then gets outputs/<run.name>/<swept values>) or interpolate a swept "
+                "key in it, e.g. 'run.dir=outputs/lr_${optim.lr}'"
+            )
+
+
+def prepare(dcfg: Any, job: Job) -> None:
+    """Give the job its own folder and the sweep's wandb group, in its composed config (before checks);
+    a ``run.dir`` given on the command line is the job's (:func:`check_command` refused a shared one)."""
     given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in job.overrides if "=" in o}
     sweep_name = str(dcfg.run.name)
-    if "run.dir" in given:
-        shared = "${" not in given["run.dir"] and not any(s.startswith("run.dir=") for s in job.swept)
-        if shared and job.total > 1:
-            raise ConfigError(
-                f"run.dir={given['run.dir']} is the same for all {job.total} jobs of this sweep, which would "
-                "share one run folder; drop it (each job then gets outputs/<run.name>/<swept values>) or "
-                "interpolate a swept key in it, e.g. 'run.dir=outputs/lr_${optim.lr}'"
-            )
-    elif job.swept:
+    if "run.dir" not in given and job.swept:
         folder = ",".join(override.replace(os.sep, "_") for override in job.swept)
         dcfg.run.name = f"{sweep_name}/{folder}"
     if dcfg.logger.wandb.group is None:

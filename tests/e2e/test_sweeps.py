@@ -152,8 +152,10 @@ def test_a_shared_run_dir_is_refused(tmp_path: Path, cache_dir: Path) -> None:
         nproc=0,
     )
     assert result.returncode == 2
-    assert "run.dir=outputs/one is the same for all 2 jobs of this sweep" in result.stderr
-    assert not (tmp_path / "outputs" / "one").exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ramp: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith("ramp: error: run.dir=outputs/one is the same for all 2 jobs of this sweep")
+    assert not (tmp_path / "outputs").exists()  # Hydra's multirun.yaml included
 
 
 def test_an_interrupted_sweep_rerun_ends_equal_to_an_unbroken_one(

@@ -198,8 +198,8 @@ MUTANTS = [
     Mutant(
         "train.stop_at ends the run without a checkpoint",
         "trainer/loop.py",
-        "                (t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == self.end_step",
-        "                (t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == self.schedule.max_steps",
+        "or attempted == self.end_step):",
+        "or attempted == self.schedule.max_steps):",
         (f"{E2E}/test_branches.py::test_stop_at_then_the_same_command_continues_exactly",),
     ),
     Mutant(

@@ -219,6 +219,8 @@ class Trainer:
     """Each parameter group's LR multiplier (optim.groups), by name."""
     lr_table: torch.Tensor = field(init=False)
     """On the device: the schedule's LR of global step k at index k (index 0 is unused)."""
+    last_eval: dict[str, float] | None = field(init=False, default=None)
+    """The newest evaluation's records (val_loss, val_ppl), None before the first."""
 
     def __post_init__(self) -> None:
         self.meter = IntervalMeter(self.info.device)
@@ -435,7 +437,8 @@ class Trainer:
         if step == 1 or step % t.log_every == 0 or step == self.schedule.max_steps:
             self.log_step(recorder, state, grad_norm)
         if t.eval_every and (step % t.eval_every == 0 or step == self.schedule.max_steps):
-            recorder.log({"step": step, **self.evaluate()})
+            self.last_eval = self.evaluate()
+            recorder.log({"step": step, **self.last_eval})
             self.meter.started = time.perf_counter()  # evaluation time is not training throughput
 
     def fit(self, state: TrainState, stop: StopSignal, recorder: Recorder) -> Outcome:
@@ -478,7 +481,7 @@ class Trainer:
             if stopping:
                 path = self.save(state)
                 log.info(
-                    "ramp | preempted by %s: saved %s at step %d; exiting",
+                    "ramp | preempted by %s: saved %s at step %d; exiting (the same command resumes from it)",
                     stop.describe(),
                     path,
                     state.global_step,

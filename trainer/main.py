@@ -7,11 +7,30 @@ accepted: a refused or no-op start leaves it as it was.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
+
+INTERRUPTED = 130
+"""The exit code of a start-up ended by Ctrl-C (128 + SIGINT, as a shell reports it)."""
+
+
+def _interrupted_during_start_up(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C before the run listens for it (:class:`trainer.preemption.StopSignal`): nothing is written yet
+    (a token cache entry being built is renamed into place only when whole), so leave at once, in one line."""
+    if os.environ.get("RANK", "0") == "0":
+        print("ramp | interrupted (Ctrl-C) during start-up, before anything was written", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
+
+
+if __name__ == "__main__":  # from here, while the imports below take their seconds, and until the run listens
+    signal.signal(signal.SIGINT, _interrupted_during_start_up)
 
 import hydra
 import torch
@@ -56,6 +75,25 @@ def build_initial_model(
     return model, (Path(str(cfg.init.weights)), export.load_weights(cfg, model, data.vocab_size))
 
 
+def done_line(state: TrainState, last_eval: dict[str, float] | None, seconds: float, run_dir: Path) -> str:
+    """The run's last line: where it ended, the tokens, the wall time of this process, the final
+    validation loss (when the run evaluated), and the run folder."""
+    elapsed = datetime.timedelta(seconds=round(seconds))
+    val = f" | val_loss {last_eval['val_loss']:.4f}" if last_eval else ""
+    return f"ramp | done: {state.global_step} steps, {state.tokens:,} tokens in {elapsed}{val} | {run_dir}"
+
+
+def named_folder() -> bool:
+    """Whether the command names its run folder (run.name or run.dir among its overrides, or a job of a
+    sweep given either); outside Hydra's entry point, whether a caller composed the config: yes."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return True
+    keys = {override.split("=", 1)[0].lstrip("+~") for override in HydraConfig.get().overrides.task}
+    return bool(keys & {"run.name", "run.dir"})
+
+
 def train(dcfg: DictConfig, last: bool = True) -> Outcome:
     """One run from a composed config: plan, accept the start, build, restore, record, fit, close. A
     sweep's jobs before the ``last`` keep the process group for the next.
@@ -64,6 +102,7 @@ def train(dcfg: DictConfig, last: bool = True) -> Outcome:
         ConfigError: a configuration or a start that cannot be, before anything is written.
         TrainingHalted: a non-finite update train.on_nan does not skip.
     """
+    started = time.monotonic()
     cfg = to_config(dcfg)
     plan = resume.plan(cfg)
     info = distributed.setup(cfg.train.threads)
@@ -71,7 +110,10 @@ def train(dcfg: DictConfig, last: bool = True) -> Outcome:
     stop = StopSignal(info)
     resolved = redact(cfg.to_dict())
     start = resume.choose(plan, info)
-    changes = resume.accept(start, resolved) if start else []  # refused before anything is built
+    default_folder = not (plan.explicit or named_folder())
+    changes = (
+        resume.accept(start, resolved, default_folder) if start else []
+    )  # refused before anything is built
     data = build_data(cfg, info)
     schedule = cfg.schedule_for(info.world_size, data.train.num_samples)  # lengths in every unit, in steps
     stop_step = cfg.stop_step(schedule.clock) if schedule.clock else None
@@ -99,7 +141,7 @@ def train(dcfg: DictConfig, last: bool = True) -> Outcome:
     finally:
         recorder.close()
     if outcome == Outcome.finished:
-        log.info("ramp | done: %d steps, %d tokens | %s", state.global_step, state.tokens, plan.run_dir)
+        log.info(done_line(state, trainer.last_eval, time.monotonic() - started, plan.run_dir))
     del trainer  # before the process group goes away (see distributed.teardown)
     distributed.teardown(last)
     return outcome

@@ -1,7 +1,8 @@
 """Preemption and the end of the parent: how a rank learns it must stop.
 
-SIGTERM or SIGUSR1 to any rank makes every rank checkpoint at the same step and exit 0. The handler
-only sets a flag. Once per optimizer step the ranks agree on it with a max all-reduce on the CPU, so
+SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) to any rank makes every rank checkpoint at the same step and exit
+0, whoever launched it: a terminal's Ctrl-C reaches every rank of a ``torchrun`` job, and ``torchrun``
+passes a SIGTERM or SIGINT it receives on to its ranks. The handler only sets a flag. Once per optimizer step the ranks agree on it with a max all-reduce on the CPU, so
 they stop together whichever rank the scheduler (Slurm, Kubernetes, a person) signalled.
 
 Under torchrun, a rank also dies with its launcher (:func:`exit_with_parent`): when torchrun is killed
@@ -20,7 +21,7 @@ from types import FrameType
 from trainer import distributed
 from trainer.distributed import DistInfo
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 STOP_REASON = "RAMP_STOP_REASON"
 """Set by ``launch.run``: a file where it writes the signal it received before it asks the trainers to
 stop (with SIGUSR1, which they can ignore until they listen), so they can say what stopped them."""
@@ -28,7 +29,9 @@ PR_SET_PDEATHSIG = 1
 
 
 class StopSignal:
-    """Notes SIGTERM or SIGUSR1 on this rank; :meth:`agreed` tells every rank whether any rank got one."""
+    """Notes SIGTERM, SIGUSR1 or SIGINT on this rank; :meth:`agreed` tells every rank whether any rank got
+    one. Before it exists a Ctrl-C ends the start-up (``trainer.main`` says so in one line), before anything
+    is written."""
 
     def __init__(self, info: DistInfo) -> None:
         self.info = info
@@ -48,6 +51,8 @@ class StopSignal:
         reason = Path(os.environ.get(STOP_REASON, "/nonexistent"))
         if reason.is_file():
             return f"{reason.read_text().strip()} (to the launcher)"
+        if self.received == signal.SIGINT.name:
+            return "SIGINT (Ctrl-C)"
         return self.received or "a signal to another rank"
 
 

@@ -345,19 +345,22 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[Chang
     return changes
 
 
-def accept(start: Start, current: dict[str, Any]) -> list[Change]:
+def accept(start: Start, current: dict[str, Any], default_folder: bool = False) -> list[Change]:
     """The changes a resume from ``start`` makes, once none of them is one the checkpoint cannot honour.
 
-    Runs on every rank before anything is written.
+    Runs on every rank before anything is written. ``default_folder``: neither run.name nor run.dir was
+    given, so the run folder is the model's default one, which another experiment may hold.
 
     Raises:
         ConfigError: a refused change (model shape, data, parameter groups, backend), naming the key, both
-            values and what to do instead.
+            values and what to do instead; in the default folder, any change of the math.
     """
     changes = config_changes(start.meta.config, current)
     if start.branching:  # the branch keys are the branch itself, not a change of the parent's settings
         changes = [change for change in changes if not change.key.startswith("branch.")]
         _refuse_a_different_curve(start, changes)
+    elif default_folder:
+        _refuse_another_experiment(start, changes, str(current["run"]["name"]))
     # A key both configs have comes first: backend.name, rather than a key only one backend declares.
     refused = sorted(
         (change for change in changes if change.effect is OnResume.refused),
@@ -372,6 +375,27 @@ def accept(start: Start, current: dict[str, Any]) -> list[Change]:
             "(a new run.dir with run.resume=never)"
         )
     return changes
+
+
+def _refuse_another_experiment(start: Start, changes: list[Change], name: str) -> None:
+    """The run folder is the default one (``outputs/<model>``) and its run trained with other math: a
+    different command, not this one resumed. Resuming it with changes needs the folder named.
+
+    Raises:
+        ConfigError: naming the first key that differs, both values, and the two ways on.
+    """
+    differ = [change for change in changes if change.effect is not OnResume.applies]
+    if not differ:
+        return
+    first, more = (
+        differ[0],
+        f" (and {len(differ) - 1} more key{'s' if len(differ) > 2 else ''})" if differ[1:] else "",
+    )
+    raise ConfigError(
+        f"run.name: the default run folder {start.path.parent.parent} holds another experiment ({first.key} is "
+        f"{first.old} there, {first.new} here{more}); give this one its own run.name=NAME, or pass "
+        f"run.name={name} to resume that run with these changes"
+    )
 
 
 CURVE_KEYS = ("train.max_steps", "train.max_tokens", "train.max_samples", "train.epochs", "optim.lr")

@@ -8,6 +8,7 @@ learning rates of the two-node run."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -137,10 +138,17 @@ def test_two_launchers_meet_as_two_nodes_and_train_with_world_size_2(
     # Rank 0 (on whichever node joined first) speaks for the world of 2.
     spoken = [log for log in logs if "world 2 |" in log]
     assert len(spoken) == 1
-    assert f"ramp | done: {MAX_STEPS} steps, {MAX_STEPS * 4 * 128 * 2} tokens" in spoken[0]
+    done = re.search(
+        rf"ramp \| done: {MAX_STEPS} steps, ([\d,]+) tokens in \d+:\d\d:\d\d \| val_loss (\S+) \|", spoken[0]
+    )
+    assert done is not None, spoken[0][-2000:]
     train, evals = read_metrics(cwd / "outputs" / "run")
     assert [r["step"] for r in train] == list(range(1, MAX_STEPS + 1))
     assert [e["step"] for e in evals] == [12, 24]
+    assert done.groups() == (
+        f"{MAX_STEPS * 4 * 128 * 2:,}",
+        f"{evals[-1]['val_loss']:.4f}",
+    )  # the final val_loss
     # Per-rank log files, one local rank on each node.
     for node in (0, 1):
         files = list((cwd / "logs" / "two-nodes" / f"node{node}").glob("*/attempt_0/0/stdout.log"))
@@ -278,6 +286,123 @@ def test_ctrl_c_to_the_launcher_checkpoints_and_the_same_command_resumes(
             kill_job(again)
     assert f"resuming from outputs/run/checkpoints/step_{stopped.group(1)}" in log.read_text()
     assert series(run_dir) == series(two_nodes[0] / "outputs" / "run")
+
+
+# -- Ctrl-C and SIGTERM without ramp's launcher ---------------------------------------------------------
+
+
+def signal_at_step(
+    cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path, step: int, send: Any
+) -> tuple[int, str]:
+    """Run ``cmd`` in a session of its own (a terminal's job); at ``step``, ``send(proc)`` the signal.
+    Returns the exit status and what this run printed."""
+    before = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as handle:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_step(cwd / "outputs" / "run", step, lambda: proc.poll() is None)
+        send(proc)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    return code, log.read_bytes()[before:].decode()
+
+
+def stopped_at(printed: str, reason: str) -> int:
+    """The step ramp's stop line names; the line must say the same command resumes."""
+    stopped = re.search(
+        rf"ramp \| preempted by {re.escape(reason)}: saved \S+ at step (\d+); exiting \(the same command resumes from it\)",
+        printed,
+    )
+    assert stopped is not None, printed[-3000:]
+    return int(stopped.group(1))
+
+
+def test_ctrl_c_to_one_process_saves_and_the_same_command_resumes_bit_identically(
+    tmp_path: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``python -m trainer.main`` and Ctrl-C (SIGINT to the terminal's process group): a checkpoint at
+    the step it reached, exit 0, one line and no traceback; the same command ends as an unbroken run."""
+    env = launch_env(cache_dir)
+    cmd = [sys.executable, "-m", "trainer.main", *BASE]
+    unbroken = tmp_path_factory.mktemp("unbroken")
+    assert (
+        subprocess.run(cmd, cwd=unbroken, env=env, capture_output=True, timeout=240, check=False).returncode
+        == 0
+    )
+    log = tmp_path / "run.log"
+    code, printed = signal_at_step(
+        cmd, cwd=tmp_path, env=env, log=log, step=3, send=lambda proc: os.killpg(proc.pid, signal.SIGINT)
+    )
+    assert code == 0, printed[-3000:]
+    step = stopped_at(printed, "SIGINT (Ctrl-C)")
+    after = printed.split("\n")[
+        [i for i, line in enumerate(printed.split("\n")) if line.startswith("step ")][-1] + 1 :
+    ]
+    assert [line for line in after if line.strip()] == [
+        next(line for line in after if "preempted by" in line)
+    ], after
+    assert "Traceback" not in printed
+    assert "KeyboardInterrupt" not in printed
+    again = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from outputs/run/checkpoints/step_{step}" in again.stdout + again.stderr
+    assert series(tmp_path / "outputs" / "run") == series(unbroken / "outputs" / "run")
+
+
+def test_ctrl_c_and_sigterm_to_plain_torchrun_save_on_every_rank_and_resume_bit_identically(
+    tmp_path: Path, cache_dir: Path, two_nodes: tuple[Path, list[str]]
+) -> None:
+    """``torchrun -m trainer.main`` (no launcher of ramp's): Ctrl-C reaches torchrun and both ranks, and
+    later SIGTERM reaches torchrun alone (``docker stop``, Kubernetes), which passes it on. Each time the
+    ranks agree on a step, save it and exit 0; the same command resumes, and the run ends as an unbroken
+    one. torchrun itself then reports the signal it received (its exit status 1 and traceback: torch's)."""
+    env = launch_env(cache_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "trainer.main", *BASE]
+    log = tmp_path / "run.log"
+    _, printed = signal_at_step(
+        cmd, cwd=tmp_path, env=env, log=log, step=3, send=lambda proc: os.killpg(proc.pid, signal.SIGINT)
+    )
+    first = stopped_at(printed, "SIGINT (Ctrl-C)")
+    assert "failed" not in printed.lower(), printed[
+        -3000:
+    ]  # torchrun reports no rank as failed: all exited 0
+    assert "KeyboardInterrupt" not in printed
+    _, printed = signal_at_step(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        log=log,
+        step=first + 4,
+        send=lambda proc: proc.send_signal(signal.SIGTERM),
+    )
+    assert f"resuming from outputs/run/checkpoints/step_{first}" in printed
+    second = stopped_at(printed, "SIGTERM")
+    assert second > first
+    assert "failed" not in printed.lower(), printed[
+        -3000:
+    ]  # torchrun reports no rank as failed: all exited 0
+    meta = json.loads(
+        (tmp_path / "outputs" / "run" / "checkpoints" / f"step_{second}" / "meta.json").read_text()
+    )
+    assert (meta["step"], meta["world_size"]) == (second, 2)
+    done = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert series(tmp_path / "outputs" / "run") == series(two_nodes[0] / "outputs" / "run")
 
 
 def test_slurm_expands_node_lists_as_the_launcher_does(slurm: dict[str, str]) -> None:

@@ -226,6 +226,27 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "an export of a run folder takes its oldest checkpoint",
+        "trainer/export.py",
+        "choose(RunPlan(root, ckpt.complete_checkpoints(root)), one_process)",
+        "choose(RunPlan(root, ckpt.complete_checkpoints(root)[::-1]), one_process)",
+        (f"{UNIT}/test_export.py",),
+    ),
+    Mutant(
+        "the exported tokenizer cannot pad",
+        "trainer/export.py",
+        "        pad_token=tokens.pad,\n",
+        "",
+        (f"{E2E}/test_export.py",),
+    ),
+    Mutant(
+        "a DDP export prints DeepSpeed's accelerator warning",
+        "trainer/export.py",
+        '    os.environ.setdefault("DS_ACCELERATOR", "cpu")\n',
+        "",
+        (f"{E2E}/test_export.py",),
+    ),
+    Mutant(
         "a sweep's jobs share one run folder",
         "trainer/sweep.py",
         '        dcfg.run.name = f"{sweep_name}/{folder}"',

@@ -1,26 +1,46 @@
 """``python -m trainer.export CHECKPOINT OUT_DIR``: a checkpoint as a Hugging Face model folder.
 
-The folder holds the transformers config and the weights as safetensors (plus the tokenizer when the
-run had one), so ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads the exact trained model.
-A checkpoint's weights alone also start a new run (``init.weights``, :func:`load_weights`).
+CHECKPOINT is a ``checkpoints/step_<N>`` folder, or a run folder, its ``checkpoints`` folder or
+``checkpoints/latest``: then the newest complete checkpoint in it, chosen as a resume chooses it
+(past a damaged one, saying so). The folder holds the transformers config and the weights as
+safetensors, plus the run's tokenizer when it has one (every ``data.tokenizer`` but ``bytes``),
+configured for use: its end-of-document token as ``eos_token``, ``pad_token`` and (unless it has its
+own) ``bos_token``, and the model's positions as ``model_max_length``; the model's config and
+generation config carry the same ids. ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads the
+exact trained model. A checkpoint's weights alone also start a new run (``init.weights``,
+:func:`load_weights`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from trainer import checkpoint as ckpt
 from trainer.config import Config, ModelConfig
+from trainer.distributed import DistInfo
 from trainer.errors import ConfigError
 from trainer.models import build_model
-from trainer.observe import job_log, redact
-from trainer.resume import CheckpointMeta, config_changes, problem, read_meta
+from trainer.observe import job_log, redact, setup_logging
+from trainer.resume import CheckpointMeta, RunPlan, Start, choose, config_changes, problem, read_meta
 from trainer.schema import OnResume
+
+WHAT_TO_PASS = "pass a run folder (outputs/<run>), its checkpoints folder or a checkpoints/step_<N> folder"
+
+BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+"""A tokenizer's own beginning-of-text token, by its usual names; without one, the end-of-document
+token is ``bos_token`` as well (GPT-2's convention)."""
+PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+"""A tokenizer's own padding token, by its usual names; without one, the end-of-document token pads
+(usual for causal LMs: padded positions are masked anyway)."""
 
 
 def model_state(folder: Path, meta: CheckpointMeta) -> dict[str, torch.Tensor]:
@@ -86,36 +106,132 @@ def load_model(checkpoint: Path) -> nn.Module:
     return model.eval()
 
 
-def export(checkpoint: Path, out_dir: Path) -> None:
-    """Write ``checkpoint``'s model (and the run's tokenizer) as a Hugging Face folder ``out_dir``.
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint ``path`` names: a ``step_<N>`` folder as it is (checked when loaded, never swapped for
+    another); a run folder, its ``checkpoints`` folder or ``checkpoints/latest``: the newest complete
+    checkpoint in it, verified as a resume verifies it (:func:`trainer.resume.choose`: past a damaged
+    one, with a warning).
 
     Raises:
-        ConfigError: ``out_dir`` is not empty, or the checkpoint is unusable.
+        ConfigError: ``path`` does not exist, or holds no complete checkpoint.
+    """
+    if not path.exists():
+        raise ConfigError(f"CHECKPOINT {path} does not exist; {WHAT_TO_PASS}")
+    if path.name == ckpt.LATEST and path.is_file():  # the pointer: its folder holds what it points at
+        path = path.parent
+    if (path / ckpt.META).exists() or path.name.startswith(ckpt.PREFIX):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    one_process = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    start = choose(RunPlan(root, ckpt.complete_checkpoints(root)), one_process)
+    if start is None:
+        raise ConfigError(f"CHECKPOINT {path} holds no complete checkpoint; {WHAT_TO_PASS}")
+    return start.path
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The exported tokenizer's special tokens, as text and as ids."""
+
+    eos: str
+    bos: str
+    pad: str
+    eos_id: int
+    bos_id: int
+    pad_id: int
+
+
+def special_tokens(tokenizer_file: Path, eos_id: int) -> SpecialTokens:
+    """The run's end-of-document token (``eos_id``, from the checkpoint) as ``eos``; the tokenizer's own
+    beginning-of-text and padding tokens (its ``padding`` setting, else one of :data:`BOS_CANDIDATES` /
+    :data:`PAD_CANDIDATES` among its special tokens), each else the end-of-document token.
+
+    Raises:
+        ConfigError: ``eos_id`` is not in the tokenizer (the run folder's tokenizer.json was replaced).
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    eos = tokenizer.id_to_token(eos_id)
+    if eos is None:
+        raise ConfigError(
+            f"{tokenizer_file} has no token {eos_id}, the checkpoint's end-of-document token: it is not the "
+            "tokenizer the run trained with; put that run's tokenizer.json back"
+        )
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    special = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+    bos = next((name for name in BOS_CANDIDATES if name in special), eos)
+    pad = (tokenizer.padding or {}).get("pad_token")  # a tokenizer.json may set its padding
+    if pad not in vocab:
+        pad = next((name for name in PAD_CANDIDATES if name in special), eos)
+    return SpecialTokens(eos, bos, pad, eos_id, vocab[bos], vocab[pad])
+
+
+def _save_tokenizer(tokenizer_file: Path, tokens: SpecialTokens, positions: int, out_dir: Path) -> None:
+    """The run's tokenizer.json, byte for byte, with a tokenizer_config.json naming its special tokens and
+    ``model_max_length`` (the model's positions)."""
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file),
+        eos_token=tokens.eos,
+        bos_token=tokens.bos,
+        pad_token=tokens.pad,
+        model_max_length=positions,
+    ).save_pretrained(out_dir)
+    shutil.copy(tokenizer_file, out_dir / "tokenizer.json")
+
+
+def export(checkpoint: Path, out_dir: Path) -> Start:
+    """Write ``checkpoint``'s model (and the run's tokenizer) as a Hugging Face folder ``out_dir``;
+    returns the checkpoint written (:func:`find_checkpoint` chose it) and its metadata.
+
+    Raises:
+        ConfigError: ``out_dir`` is not empty, no usable checkpoint is found, or the run folder's
+            tokenizer.json lacks the checkpoint's end-of-document token.
     """
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"OUT_DIR {out_dir} is not empty; choose a new folder (nothing was overwritten)")
-    model = load_model(checkpoint)
-    model.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[operator]
-    tokenizer = checkpoint.parent.parent / "tokenizer.json"
-    if tokenizer.exists():
-        from transformers import PreTrainedTokenizerFast
-
-        PreTrainedTokenizerFast(tokenizer_file=str(tokenizer)).save_pretrained(out_dir)
-        shutil.copy(tokenizer, out_dir / "tokenizer.json")
+    folder = find_checkpoint(checkpoint)
+    model: Any = load_model(folder)  # a transformers model: its config, generation config, save_pretrained
+    meta = read_meta(folder)
+    tokenizer = folder.parent.parent / "tokenizer.json"  # every data.tokenizer but bytes leaves one
+    tokens = special_tokens(tokenizer, meta.eos_id) if tokenizer.is_file() else None
+    # bytes: no tokenizer folder, but the same ids as a tokenizer without its own bos and pad tokens
+    ids = (tokens.bos_id, tokens.eos_id, tokens.pad_id) if tokens else (meta.eos_id,) * 3
+    for config in (model.config, model.generation_config):
+        if config is not None:
+            config.bos_token_id, config.eos_token_id, config.pad_token_id = ids
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokens is not None:
+        _save_tokenizer(tokenizer, tokens, model.config.max_position_embeddings, out_dir)
+    return Start(folder, meta)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 on success, 2 (with one ``ramp: error:`` line) on bad input."""
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint folder: RUN_DIR/checkpoints/step_<N>")
+    parser.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a checkpoints/step_<N> folder, or a run folder, its checkpoints folder or checkpoints/latest "
+        "(their newest complete checkpoint)",
+    )
     parser.add_argument("out_dir", type=Path, help="the Hugging Face model folder to write")
     args = parser.parse_args(argv)
+    setup_logging(rank=0)
+    # Everything here runs on the CPU. transformers' save_pretrained imports deepspeed (through accelerate)
+    # whenever it is installed, which warns that it detected no GPU unless told the device.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its bar of shards written: ramp's one line says when it is done
     try:
-        export(args.checkpoint, args.out_dir)
+        written = export(args.checkpoint, args.out_dir)
     except ConfigError as err:
         print(f"ramp: error: {err}", file=sys.stderr)
         return 2
-    print(f"ramp | exported {args.checkpoint} to {args.out_dir}")
+    print(f"ramp | exported step {written.meta.step} ({written.path}) to {args.out_dir}")
     return 0
 
 

@@ -32,14 +32,27 @@ def write_corpus(corpus: Path) -> list[Path]:
 
 
 def assert_export_carries_the_tokenizer(run_dir: Path, out: Path, cache: Path, text: str) -> None:
-    """The exported model folder holds the run's tokenizer, which loads and encodes as training did."""
+    """The export of the run folder (its newest checkpoint) holds the run's tokenizer, which loads and
+    encodes as training did, its end-of-document token also padding, as the model's config says."""
     from transformers import AutoTokenizer
 
-    run_export(run_dir / "checkpoints" / "step_6", out, cache)
+    run_export(run_dir, out, cache)
     saved = run_dir / "tokenizer.json"
     assert (out / "tokenizer.json").read_bytes() == saved.read_bytes()
     expected = Tokenizer.from_file(str(saved)).encode(text).ids
-    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == expected
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer(text)["input_ids"] == expected
+    config = json.loads((out / "config.json").read_text())
+    eos_id = json.loads((run_dir / "checkpoints" / "step_6" / "meta.json").read_text())["eos_id"]
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
+    assert (
+        tokenizer.eos_token_id
+        == tokenizer.pad_token_id
+        == config["eos_token_id"]
+        == config["pad_token_id"]
+        == eos_id
+    )
+    assert tokenizer.model_max_length == config["n_positions"]
 
 
 def test_text_corpus_with_a_trained_tokenizer_then_a_cached_second_run(tmp_path: Path) -> None:

@@ -877,6 +877,26 @@ def schema_of(group: str, node: dict[str, Any]) -> type[Any]:
     return options.get(str(node.get("source" if group == "data" else "name")), next(iter(options.values())))
 
 
+def from_tree(tree: dict[str, Any]) -> Config:
+    """A resolved config tree (a run's config.yaml, a checkpoint's recorded config) as a typed
+    :class:`Config`, unchecked: what that run trained with, e.g. to rebuild its schedule.
+
+    Raises:
+        ValueError: a group, key or value today's schemas do not take (a tree of an older ramp).
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        groups: dict[str, Any] = {
+            group: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema_of(group, node)), node))
+            for group, node in tree.items()
+        }
+        return Config(**groups)
+    except (OmegaConfBaseException, TypeError, AttributeError) as err:
+        raise ValueError(f"not a config of this ramp: {str(err).splitlines()[0]}") from None
+
+
 def declared_keys(schema: type[Any], prefix: str) -> Iterator[tuple[str, Any]]:
     """``(dotted key, field)`` of every key a schema declares, nested schemas (logger.wandb) expanded."""
     hints = typing.get_type_hints(schema)

@@ -126,11 +126,12 @@ def train(dcfg: DictConfig, last: bool = True) -> Outcome:
     torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout noise per rank
     if start:
         state = trainer.restore(start)
-        resume.report_changes(start, changes, schedule)
+        resume.report_changes(start, changes, schedule, data.train.num_samples)
     else:
         state = trainer.warm_start(weights[1]) if weights else TrainState()
     if info.is_main:  # the start is accepted: only now is the run folder written
-        resume.record_start(plan.run_dir, resolved, start, changes, weights)
+        clock = (info.world_size, data.train.num_samples)
+        resume.record_start(plan.run_dir, resolved, start, changes, weights, clock)
         data.save_tokenizer(plan.run_dir)
     recorder = Recorder(
         info.is_main, plan.run_dir, resolved, cfg.logger, schedule.max_steps, state.global_step

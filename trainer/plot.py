@@ -40,8 +40,70 @@ def read_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
     return train, evals
 
 
-def draw(train: list[dict[str, Any]], evals: list[dict[str, Any]], title: str) -> Figure:
-    """Two panels sharing the step axis; the lines are labelled "loss", "val_loss" and "lr"."""
+def starts(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's starts, oldest first (history.jsonl: fresh, resumed, changed, branched, weights), each
+    with ``config``: the config it trained with (config.yaml, with the keys later starts changed set back)."""
+    history = run_dir / "history.jsonl"
+    if not history.exists() or not (run_dir / "config.yaml").exists():
+        return []
+    import yaml
+
+    records = [json.loads(line) for line in history.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    for record in reversed(records):
+        record["config"] = json.loads(json.dumps(tree))
+        for key, (old, _) in record.get("changed", {}).items():
+            *groups, leaf = key.split(".")
+            node = tree
+            for group in groups:
+                node = node.setdefault(group, {})
+            if old is None:
+                node.pop(leaf, None)
+            else:
+                node[leaf] = old
+    return records
+
+
+MAX_POINTS = 20_000
+"""The most steps a drawn LR curve evaluates; a longer run is drawn at a stride (and at every start's end)."""
+
+
+def schedule_lrs(runs: list[dict[str, Any]], last_step: int) -> tuple[list[int], list[float]] | None:
+    """The LR at every step up to ``last_step`` (at most :data:`MAX_POINTS` of them), each start's schedule (rebuilt from its config: the
+    LR is a pure function of the step) over the steps it trained; None when a start did not record its
+    world size (an older ramp) or its config no longer builds."""
+    from trainer.config import from_tree
+    from trainer.errors import ConfigError
+
+    curve: dict[int, float] = {}
+    ends = [record["step"] for record in runs[1:]] + [last_step]
+    stride = max(1, last_step // MAX_POINTS)
+    for record, end in zip(runs, ends, strict=True):
+        if "world_size" not in record:
+            return None
+        try:
+            schedule = from_tree(record["config"]).schedule_for(
+                record["world_size"], record["samples_per_epoch"]
+            )
+        except (ValueError, ConfigError):
+            return None
+        for step in [step for step in curve if step > record["step"]]:
+            del curve[step]  # a resume trains again the steps after its checkpoint
+        points = [*range(record["step"] + 1, end + 1, stride), end]
+        curve.update({step: schedule.lr(step) for step in points if step > record["step"]})
+    return sorted(curve), [curve[step] for step in sorted(curve)]
+
+
+def draw(
+    train: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    title: str,
+    lr_curve: tuple[list[int], list[float]] | None = None,
+    resumes: list[tuple[int, str]] | None = None,
+) -> Figure:
+    """Two panels sharing the step axis; the lines are labelled "loss", "val_loss" and "lr". With
+    ``lr_curve``, the LR is drawn at every step (the logged ones as dots); each of ``resumes`` (step,
+    kind) is a dotted vertical line across both panels."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 5), dpi=100, layout="constrained")
@@ -60,7 +122,19 @@ def draw(train: list[dict[str, Any]], evals: list[dict[str, Any]], title: str) -
     loss_axes.set_title(title, fontsize=10)
     loss_axes.legend(loc="upper right", fontsize=8)
     loss_axes.grid(alpha=0.3)
-    lr_axes.plot([r["step"] for r in train], [r["lr"] for r in train], label="lr", color="tab:green")
+    if lr_curve is None:
+        lr_axes.plot([r["step"] for r in train], [r["lr"] for r in train], label="lr", color="tab:green")
+    else:
+        lr_axes.plot(*lr_curve, label="lr", color="tab:green")
+        lr_axes.plot(
+            [r["step"] for r in train], [r["lr"] for r in train], "o", markersize=2, color="tab:green"
+        )
+    for number, (step, _) in enumerate(resumes or []):
+        for axes in (loss_axes, lr_axes):
+            label = "resume" if axes is lr_axes and not number else None
+            axes.axvline(step, linestyle=":", color="grey", label=label)
+    if resumes:
+        lr_axes.legend(loc="upper right", fontsize=8)
     lr_axes.set_ylabel("learning rate")
     lr_axes.set_xlabel("global step (optimizer steps)")
     lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -326,7 +400,10 @@ def main(argv: list[str] | None = None) -> Figure:
         out = args.out or first / "branches.png"
     else:
         name, train, evals = runs[0]
-        figure = draw(train, evals, f"{name}: {len(train)} logged steps")
+        history = starts(first)
+        curve = schedule_lrs(history, train[-1]["step"]) if history else None
+        resumes = [(r["step"], r["start"]) for r in history[1:]]
+        figure = draw(train, evals, f"{name}: {len(train)} logged steps", curve, resumes)
         out = args.out or first / "metrics.png"
     figure.savefig(out)
     print(f"wrote {out}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,7 +31,7 @@ import torch
 import yaml
 
 from trainer import checkpoint, distributed
-from trainer.config import Config, OptimConfig, ResumeMode, resume_facts
+from trainer.config import Config, OptimConfig, ResumeMode, from_tree, resume_facts
 from trainer.distributed import DistInfo
 from trainer.errors import ConfigError
 from trainer.models import apply_hyperparameters
@@ -418,8 +419,11 @@ def _refuse_a_different_curve(start: Start, changes: list[Change]) -> None:
             )
 
 
-def report_changes(start: Start, changes: list[Change], schedule: Schedule) -> None:
-    """Say once (rank 0) every change that applies, and where the run continues."""
+def report_changes(
+    start: Start, changes: list[Change], schedule: Schedule, samples_per_epoch: int | None = None
+) -> None:
+    """Say once (rank 0) every change that applies, what it does to the LR and the schedule's lengths,
+    and where the run continues."""
     step, max_steps = start.meta.step, schedule.max_steps
     if start.branching:
         job_log.info(
@@ -442,7 +446,38 @@ def report_changes(start: Start, changes: list[Change], schedule: Schedule) -> N
             job_log.warning("changed on resume, and it changes the math: %s%s", change, note)
         else:
             job_log.info("ramp | changed on resume: %s", change)
+    if not start.branching and any(change.effect is OnResume.changes_math for change in changes):
+        _report_the_curve(start, schedule, samples_per_epoch)
     job_log.info("ramp | resuming from %s at step %d", start.path, step)
+
+
+def _report_the_curve(start: Start, schedule: Schedule, samples_per_epoch: int | None) -> None:
+    """The schedule the checkpoint trained under, rebuilt from its recorded config, against this one:
+    every length that changed, and the LR the last step trained at against the next step's."""
+    try:
+        before = from_tree(start.meta.config).schedule_for(start.meta.world_size, samples_per_epoch)
+    except (ValueError, ConfigError):  # a checkpoint of an older ramp, or lengths in epochs without data
+        return
+    lengths = {"length": "max_steps", "warmup": "warmup_steps", "decay start": "decay_start"}
+    changed = [
+        f"{name} {getattr(before, attr)} -> {getattr(schedule, attr)} steps"
+        for name, attr in lengths.items()
+        if getattr(before, attr) != getattr(schedule, attr)
+    ]
+    if changed:
+        job_log.warning("schedule lengths changed on resume: %s", ", ".join(changed))
+    step, old, new = start.meta.step, before.lr(start.meta.step + 1), schedule.lr(start.meta.step + 1)
+    if math.isclose(old, new, rel_tol=1e-12, abs_tol=0.0):
+        return
+    factor = f"x{new / old:.3g} the {old:.4g} the checkpoint's schedule gives it" if old else "up from 0"
+    job_log.warning(
+        "the LR on resume: step %d trained at %.4g; step %d trains at %.4g, %s",
+        step,
+        before.lr(step),
+        step + 1,
+        new,
+        factor,
+    )
 
 
 def nothing_to_train(start: Start, max_steps: int, stop_step: int | None = None) -> bool:
@@ -479,10 +514,12 @@ def record_start(
     start: Start | None,
     changes: list[Change],
     weights: tuple[Path, CheckpointMeta] | None = None,
+    clock: tuple[int, int] | None = None,
 ) -> None:
     """Called on global rank 0 once a start is accepted: config.yaml says what trains from now on, and
     history.jsonl gains one record (time, the step it starts at, the checkpoint, the changed keys; the
-    parent of a branch; the checkpoint whose ``weights`` a fresh run started from)."""
+    parent of a branch; the checkpoint whose ``weights`` a fresh run started from; with ``clock``, the
+    world size and the samples in an epoch, which with the config give every step's LR)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     checkpoint.remove_partial_saves(run_dir / "checkpoints")
@@ -498,6 +535,8 @@ def record_start(
         "checkpoint": str(start.path) if start else None,
         "changed": {change.key: [change.old, change.new] for change in changes},
     }
+    if clock is not None:
+        record["world_size"], record["samples_per_epoch"] = clock
     if start is not None and start.branching:  # the lineage: which run, which checkpoint, which step
         record["parent"] = {
             "run": str(start.path.resolve().parent.parent),

@@ -251,12 +251,24 @@ def test_plot_draws_the_runs_metrics(job: Job, tmp_path: Path) -> None:
     figure = main([str(job.run_dir), "--out", str(out)])
     loss_axes, lr_axes = figure.axes
     lines = {line.get_label(): line for axes in figure.axes for line in axes.lines}
-    assert set(lines) == {"loss", "val_loss", "lr"}
+    assert {str(label) for label in lines if not str(label).startswith("_")} == {
+        "loss",
+        "val_loss",
+        "lr",
+        "resume",
+    }
+    history = [json.loads(line) for line in (job.run_dir / "history.jsonl").read_text().splitlines()]
+    for axes in (loss_axes, lr_axes):  # each resume marked, at the step it resumed from
+        marks = [line for line in axes.lines if line.get_linestyle() == ":"]
+        assert [float(np.asarray(line.get_xdata())[0]) for line in marks] == [h["step"] for h in history[1:]]
+    assert len(history) == 3
     assert lines["lr"] in lr_axes.lines
     assert lines["loss"] in loss_axes.lines
     train, evals = read_metrics(job.run_dir)
     assert list(np.asarray(lines["loss"].get_xdata())) == [r["step"] for r in train]
     assert list(np.asarray(lines["loss"].get_ydata())) == [r["loss"] for r in train]
+    # The LR drawn at every step, each segment's schedule rebuilt from the run's records: what was logged.
+    assert list(np.asarray(lines["lr"].get_xdata())) == list(range(1, MAX_STEPS + 1))
     assert list(np.asarray(lines["lr"].get_ydata())) == [r["lr"] for r in train]
     assert list(np.asarray(lines["val_loss"].get_xdata())) == [8, 16]
     assert list(np.asarray(lines["val_loss"].get_ydata())) == [e["val_loss"] for e in evals]

@@ -246,12 +246,49 @@ def test_a_longer_run_is_reported_once_with_the_lr_it_continues_at(
     with caplog.at_level(logging.INFO, logger="ramp"):
         resume.report_changes(start, resume.accept(start, cfg.to_dict()), cfg.lr_schedule)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1, warnings
-    assert "train.max_steps: 6 -> 9" in warnings[0]
+    assert len([w for w in warnings if "train.max_steps: 6 -> 9" in w]) == 1, warnings
+    assert warnings[1:] == [
+        "schedule lengths changed on resume: length 6 -> 9 steps",
+        f"the LR on resume: step 6 trained at 0; step 7 trains at {cfg.lr_schedule.lr(7):.4g}, up from 0",
+    ]
     assert "train.max_steps is now 9" in warnings[0]
     assert f"step 7 trains at LR {cfg.lr_schedule.lr(7):.4g}" in warnings[0]
     assert "changed on resume: train.activation_checkpointing: False -> True" in caplog.text
     assert f"resuming from {start.path} at step 6" in caplog.text
+
+
+def test_a_shorter_run_reports_the_lr_before_and_after_and_every_length_that_changed(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    start = with_config(save_checkpoint(tmp_path, 43, ddp_backend, alone), "train.max_steps=100")
+    cfg = compose(["train.max_steps=50"])  # the default warmup_ratio: the warmup shortens too
+    before, after = compose(["train.max_steps=100"]).schedule_for(1), cfg.schedule_for(1)
+    assert (before.warmup_steps, after.warmup_steps) == (5, 3)
+    with caplog.at_level(logging.INFO, logger="ramp"):
+        resume.report_changes(start, resume.accept(start, cfg.to_dict()), after)
+    text = caplog.text
+    assert (
+        "schedule lengths changed on resume: length 100 -> 50 steps, warmup 5 -> 3 steps, decay start 5 -> 3 steps"
+        in text
+    )
+    factor = after.lr(44) / before.lr(44)
+    assert factor < 0.25  # the cosine is far further down at step 44 of 50 than of 100
+    assert (
+        f"the LR on resume: step 43 trained at {before.lr(43):.4g}; step 44 trains at {after.lr(44):.4g}, "
+        f"x{factor:.3g} the {before.lr(44):.4g} the checkpoint's schedule gives it"
+    ) in text
+
+
+def test_a_change_that_keeps_the_curve_reports_no_lr_jump(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    start = with_config(save_checkpoint(tmp_path, 4, ddp_backend, alone))
+    cfg = compose(["optim.weight_decay=0.01"])
+    with caplog.at_level(logging.INFO, logger="ramp"):
+        resume.report_changes(start, resume.accept(start, cfg.to_dict()), cfg.schedule_for(1))
+    assert "optim.weight_decay: 0.1 -> 0.01" in caplog.text
+    assert "the LR on resume" not in caplog.text
+    assert "schedule lengths changed" not in caplog.text
 
 
 def test_an_accepted_start_writes_config_and_appends_one_history_record(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.helpers import REPO, transformers_lrs
@@ -315,3 +317,35 @@ def test_each_event_is_printed_once_and_a_ranks_own_warning_tagged_and_scrubbed(
     assert err.count("every rank met this one alike") == 1
     assert "[rank 1] WARNING ramp.job" not in err
     assert err.count("UserWarning: a library warning every rank raises") == 1
+
+
+# --- the metrics plot's LR curve -------------------------------------------------------------------
+
+
+def test_the_plot_rebuilds_each_starts_schedule_and_draws_the_lr_at_every_step(tmp_path: Path) -> None:
+    """A run shortened from 100 to 50 steps on resume at step 43: steps 1-43 at the 100-step curve, then
+    44-50 at the 50-step one; the resume marked where it happened."""
+    from trainer.plot import draw, schedule_lrs, starts
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(compose(["train.max_steps=50"]).to_dict()))
+    clock = {"world_size": 2, "samples_per_epoch": 10_000}
+    records = [
+        {"start": "fresh", "step": 0, "changed": {}, **clock},
+        {"start": "changed", "step": 43, "changed": {"train.max_steps": [100, 50]}, **clock},
+    ]
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    history = starts(tmp_path)
+    assert history[0]["config"]["train"]["max_steps"] == 100
+    curve = schedule_lrs(history, 50)
+    assert curve is not None
+    long, short = (
+        compose(["train.max_steps=100"]).schedule_for(2),
+        compose(["train.max_steps=50"]).schedule_for(2),
+    )
+    assert curve[0] == list(range(1, 51))
+    assert curve[1] == [long.lr(s) for s in range(1, 44)] + [short.lr(s) for s in range(44, 51)]
+    figure = draw([{"step": 50, "loss": 2.0, "lr": short.lr(50)}], [], "run", curve, [(43, "changed")])
+    marks = [line for axes in figure.axes for line in axes.lines if line.get_linestyle() == ":"]
+    assert [float(np.asarray(line.get_xdata())[0]) for line in marks] == [43.0, 43.0]
+    del history[1]["world_size"]  # a start of an older ramp: the logged LRs are drawn instead
+    assert schedule_lrs(history, 50) is None

@@ -357,6 +357,36 @@ MUTANTS = [
         "        return code",
         (f"{TRUTH}::test_the_launcher_exits_with_the_trainers_code_and_each_event_is_said_once",),
     ),
+    Mutant(
+        "Ctrl-C not a stop signal (a KeyboardInterrupt loses the run)",
+        "trainer/preemption.py",
+        "SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)",
+        "SIGNALS = (signal.SIGTERM, signal.SIGUSR1)",
+        (
+            f"{E2E}/test_launch.py::test_ctrl_c_to_one_process_saves_and_the_same_command_resumes_bit_identically",
+        ),
+    ),
+    Mutant(
+        "a different command trains in another experiment's default folder",
+        "trainer/main.py",
+        "    default_folder = not (plan.explicit or named_folder())",
+        "    default_folder = False",
+        (f"{E2E}/test_first_hour.py",),
+    ),
+    Mutant(
+        "the resume report compares the new schedule with itself",
+        "trainer/resume.py",
+        "        before = from_tree(start.meta.config).schedule_for(start.meta.world_size, samples_per_epoch)",
+        "        before = schedule",
+        (f"{UNIT}/test_resume.py",),
+    ),
+    Mutant(
+        "the plot draws every stretch with the last config",
+        "trainer/plot.py",
+        "                node[leaf] = old",
+        "                pass",
+        (f"{UNIT}/observe/test_observe.py",),
+    ),
 ]
 
 

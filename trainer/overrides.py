@@ -215,6 +215,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
+def _leaf_paths(tree: dict[Any, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The path of every value in a nested mapping that is not itself a non-empty mapping."""
+    for name, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_paths(value, (*prefix, str(name)))
+        else:
+            yield (*prefix, str(name))
+
+
 def _has_path(tree: Any, path: Sequence[str]) -> bool:
     for part in path:
         if not isinstance(tree, dict) or part not in tree:
@@ -493,8 +502,31 @@ class ConfigShape:
             raise ConfigError(
                 f"{line}: {key} already has a value ({_shown(current)}); drop the +: {line[1:]}"
             )
+        if not override.is_add() and not override.is_force_add():
+            self._check_new_entries(line, key, group, option, target, values)
         for value in values:
             self._check_value(key, group, option, self.schema(group, option), value)
+
+    def _check_new_entries(
+        self, line: str, key: str, group: str, option: str | None, target: Target, values: Sequence[Any]
+    ) -> None:
+        """A mapping given to a free mapping (``model.extra={n_inner: 64}``) without ``+`` may only set
+        entries its preset has: Hydra merges it into a closed mapping.
+
+        Raises:
+            ConfigError: the first new entry, and the + that adds it.
+        """
+        base, _ = _optional(target.hint)
+        if (typing.get_origin(base) or base) is not dict:
+            return
+        preset = self.preset(group, option) if option is not None and group in self.stored else {}
+        for value in values:
+            for entry in _leaf_paths(value) if isinstance(value, dict) else ():
+                if not _has_path(preset, (*target.path, *entry)):
+                    raise ConfigError(
+                        f"{line}: {key}.{'.'.join(entry)} is not set by {group}={option}; add new entries "
+                        f"with a +: +{line}"
+                    )
 
     def _current(self, group: str, option: str | None, target: Target) -> Any:
         """The key's value before the overrides: its preset's, else its schema default's."""
@@ -604,8 +636,10 @@ def _check_entries(key: str, hint: Any, value: Any) -> None:
         ConfigError: an entry's key the entry's schema does not declare, with the closest one.
     """
     base, _ = _optional(hint)
-    (item,) = typing.get_args(base) or (None,)
-    if typing.get_origin(base) is not list or not is_dataclass(item) or not isinstance(value, list):
+    if typing.get_origin(base) is not list or not isinstance(value, list):
+        return
+    item = typing.get_args(base)[0]
+    if not is_dataclass(item):
         return
     names = [declared.name for declared in fields(item)]
     for entry in value:

@@ -93,6 +93,11 @@ MISTAKES = [
         "model.extra.n_inner is not set by model=gpt2-tiny; add a new entry with a +: +model.extra.n_inner=64",
     ),
     (
+        ["model.extra={n_inner:64}"],
+        "model.extra={n_inner:64}: model.extra.n_inner is not set by model=gpt2-tiny; add new entries with a +: "
+        "+model.extra={n_inner:64}",
+    ),
+    (
         ["train=3"],
         "train=3: train holds keys, not a value; set them one by one, e.g. train.max_steps=VALUE",
     ),
@@ -164,6 +169,8 @@ LEGITIMATE = [
     ["schedule=polynomial", "schedule.power=2"],
     ["backend=deepspeed", "backend.zero_stage=2"],
     ["backend=deepspeed", "+backend.extra.fp16.enabled=false"],
+    ["backend=deepspeed", "+backend.extra={fp16:{enabled:false}}"],
+    ["+model.extra={n_inner:64}"],
     ["logger.wandb.mode=disabled"],
     ["logger.wandb.tags=[a,b]"],
     ["logger.wandb={mode:disabled,project:x}"],

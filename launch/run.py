@@ -47,6 +47,10 @@ SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
 PR_SET_PDEATHSIG = 1
 
 
+class LaunchError(RuntimeError):
+    """The launcher cannot start this node; the message says why and what to give."""
+
+
 @dataclass(frozen=True)
 class NodePlan:
     """What this node's torchrun is told."""
@@ -102,7 +106,12 @@ def visible_gpus(env: Mapping[str, str]) -> int:
 
 
 def make_plan(args: argparse.Namespace, env: Mapping[str, str]) -> NodePlan:
-    """Explicit options first, then the Slurm allocation, then single-node defaults."""
+    """Explicit options first, then the Slurm allocation, then single-node defaults.
+
+    Raises:
+        LaunchError: several nodes with no ``--head`` outside a Slurm allocation, where each node would
+            wait for the others on itself.
+    """
     job_id = env.get("SLURM_JOB_ID")
     slurm = job_id is not None
     # Inside an srun step, the step's nodes (a step may use fewer nodes than the job holds).
@@ -115,6 +124,12 @@ def make_plan(args: argparse.Namespace, env: Mapping[str, str]) -> NodePlan:
         nodelist = (
             env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         )
+        if nnodes > 1 and not (slurm and nodelist):
+            raise LaunchError(
+                f"--nnodes={nnodes} outside a Slurm allocation needs --head HOST: the address of the node that "
+                "hosts the rendezvous, reachable from every node; give every node the same --head (and --port, "
+                "--run-id)"
+            )
         head = expand_nodelist(nodelist)[0] if slurm and nodelist else "127.0.0.1"
     port = args.port
     if port is None:
@@ -319,7 +334,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "--nproc-per-node", type=int, help="processes on this node (default: every visible GPU, else 1)"
     )
     parser.add_argument("--node-rank", type=int, help="this node's index, for log folders (default: Slurm's)")
-    parser.add_argument("--head", help="rendezvous host (default: Slurm's first node, else 127.0.0.1)")
+    parser.add_argument(
+        "--head", help="rendezvous host (default: Slurm's first node; needed for several nodes outside Slurm)"
+    )
     parser.add_argument(
         "--port", type=int, help=f"rendezvous port (default: from the Slurm job id, else {DEFAULT_PORT})"
     )
@@ -340,7 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Plan this node's torchrun, print the plan and run it (with --dry-run, only print); the exit status."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ)
-    plan = make_plan(args, env)
+    try:
+        plan = make_plan(args, env)
+    except LaunchError as err:
+        print(f"ramp: error: {err}", file=sys.stderr, flush=True)
+        return 2
     env_set = cluster_env(plan, env, args.socket_ifname)
     cmd = torchrun_command(plan, overrides, args.python)
     for line in describe(plan, env_set, cmd):

@@ -5,19 +5,28 @@ give, the checkout and interpreter to run and the Hydra overrides, submits it wi
 the job id and where its logs go. The job saves a checkpoint before its time limit and requeues itself;
 the requeued job resumes (see ramp.sbatch). The script is kept beside the logs: ``sbatch`` it again to
 rerun the same job.
+
+Before anything is written or queued (``--dry-run`` too), the configuration is composed and checked as
+``trainer.main`` will (each job of a ``-m`` sweep, in ``--chdir``, on the job's ranks), and a time limit
+too short for the preemption grace is refused: a mistake is one ``ramp: error:`` line and exit 2 now,
+not when the job starts hours later.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from trainer.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "launch" / "slurm" / "ramp.sbatch"
@@ -25,6 +34,94 @@ TEMPLATE = REPO / "launch" / "slurm" / "ramp.sbatch"
 
 class SubmitError(RuntimeError):
     """The job cannot be submitted; the message says why and what to do."""
+
+
+SLURM_TIME = re.compile(r"(?:(?P<days>\d+)-)?(?P<first>\d+)(?::(?P<second>\d+))?(?::(?P<third>\d+))?")
+"""Slurm's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """A Slurm ``--time`` in seconds; None for no limit (0, UNLIMITED, INFINITE).
+
+    Raises:
+        SubmitError: not one of Slurm's formats.
+    """
+    if text.strip().upper() in ("UNLIMITED", "INFINITE", "-1"):
+        return None
+    match = SLURM_TIME.fullmatch(text.strip())
+    if match is None:
+        raise SubmitError(
+            f"--time={text} is not a Slurm time limit; use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, "
+            "e.g. --time=24:00:00"
+        )
+    days, first, second, third = (int(part) if part else 0 for part in match.groups())
+    if match["days"] is not None:  # D-HH[:MM[:SS]]
+        seconds = ((days * 24 + first) * 60 + second) * 60 + third
+    elif match["third"] is not None:  # HH:MM:SS
+        seconds = (first * 60 + second) * 60 + third
+    else:  # MM[:SS]
+        seconds = first * 60 + second
+    return seconds or None
+
+
+def check_time(time_limit: str | None, grace: int) -> None:
+    """Refuse a time limit not above the grace plus a minute: Slurm checks signal times about every 30 s,
+    so such a job is signalled as soon as it starts and requeues one step at a time.
+
+    Raises:
+        SubmitError: the limit and the grace, and what to change.
+    """
+    if grace < 1:
+        raise SubmitError(f"--grace={grace} must be at least 1 (seconds before the time limit to checkpoint)")
+    limit = time_limit_seconds(time_limit) if time_limit is not None else None
+    if limit is not None and limit <= grace + 60:
+        raise SubmitError(
+            f"--time={time_limit} ({limit} s) is not above --grace={grace} s plus a minute: Slurm would signal "
+            "the job as soon as it starts, and it would requeue one step at a time; give a --time longer than "
+            f"{grace + 60} s (well above it: each requeue waits for Slurm) or a shorter --grace"
+        )
+
+
+@contextlib.contextmanager
+def _as_the_job(workdir: Path, world_size: int) -> Iterator[None]:
+    """In the job's working directory (relative paths), with its world size (batch checks)."""
+    before, ranks = Path.cwd(), os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world_size)
+    if workdir.is_dir():
+        os.chdir(workdir)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+        if ranks is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = ranks
+
+
+def check_config(overrides: Sequence[str], workdir: Path, world_size: int) -> None:
+    """Check and compose the configuration as ``trainer.main`` will on the job's ranks, each job of a
+    ``-m`` sweep; composing needs no data, model or GPU.
+
+    Raises:
+        ConfigError: the first mistake, as trainer.main would report it.
+    """
+    from trainer import sweep
+    from trainer.config import check_command, command_jobs, compose
+
+    argv = ["trainer.main", *overrides]
+    check_command(argv)
+    sweep.check_command(argv)
+    jobs = command_jobs(argv)
+    with _as_the_job(workdir, world_size):
+        for number, job in enumerate(jobs, 1):
+            try:
+                compose(job)
+            except ConfigError as err:
+                if len(jobs) == 1:
+                    raise
+                swept = ", ".join(o for o in job if o not in overrides)
+                raise ConfigError(f"sweep job {number} of {len(jobs)} ({swept}): {err}") from None
 
 
 def directives(args: argparse.Namespace, log_dir: Path, workdir: Path) -> list[str]:
@@ -140,9 +237,17 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write the batch script beside the logs and submit it (--dry-run: only print it); the exit status."""
+    """Check the time limit and the configuration, write the batch script beside the logs and submit it
+    (--dry-run: only print it); the exit status (2: a refused job, one ``ramp: error:`` line)."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     workdir = args.chdir.resolve()
+    ranks = args.nodes * (args.nproc_per_node or args.gpus_per_node or 1)  # as ramp.sbatch starts them
+    try:
+        check_time(args.time, args.grace)
+        check_config(overrides, workdir, ranks)
+    except (SubmitError, ConfigError) as err:
+        print(f"ramp: error: {err}", file=sys.stderr)
+        return 2
     log_dir = (args.log_dir or workdir / "logs").resolve()
     log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output folder
     script = log_dir / f"{args.job_name}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}.sbatch"
@@ -154,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         job = submit(script)
     except SubmitError as err:
-        print(f"submit: error: {err}", file=sys.stderr)
+        print(f"ramp: error: {err}", file=sys.stderr)
         return 2
     gpus = f"{args.gpus_per_node} GPUs" if args.gpus_per_node else "CPU"
     limits = ", ".join(

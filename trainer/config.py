@@ -36,6 +36,7 @@ from trainer.durations import (
     parse_length,
 )
 from trainer.errors import ConfigError
+from trainer.overrides import ConfigShape, command_overrides
 from trainer.schedules import SCHEDULES, SHAPES, Schedule, ScheduleConfig, branch_schedule, build_schedule
 from trainer.schema import MISSING, OnResume, on_resume, setting
 
@@ -924,18 +925,66 @@ def conf_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf"
 
 
+def stored_schemas() -> dict[str, dict[str, type[Any]]]:
+    """The groups with presets, each with its schemas by the name the ConfigStore holds them under: the
+    name a preset's defaults list gives (``text_schema``), never a preset itself."""
+    stored: dict[str, dict[str, type[Any]]] = {
+        group: {f"{group}_schema": typing.get_type_hints(Config)[group]}
+        for group in ("model", "optim", "logger")
+    }
+    for group, options in GROUP_SCHEMAS.items():
+        stored[group] = {f"{option}_schema": schema for option, schema in options.items()}
+    return stored
+
+
 def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore, so each YAML can name its own in its defaults list."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
-    store.store(group="model", name="model_schema", node=ModelConfig)
-    store.store(group="optim", name="optim_schema", node=OptimConfig)
-    store.store(group="logger", name="logger_schema", node=LoggerConfig)
-    for group, options in GROUP_SCHEMAS.items():
-        for option, schema in options.items():
-            store.store(group=group, name=f"{option}_schema", node=schema)
+    for group, schemas in stored_schemas().items():
+        for name, schema in schemas.items():
+            store.store(group=group, name=name, node=schema)
+
+
+def config_shape() -> ConfigShape:
+    """What command-line overrides are checked against: :class:`Config`, the schemas each group's presets
+    extend, and the config folder."""
+    return ConfigShape(Config, stored_schemas(), conf_dir())
+
+
+def check_overrides(overrides: Sequence[str], multirun: bool = False) -> None:
+    """Refuse, before Hydra composes anything, an override that names no key or preset or sets a value
+    its key does not take (:meth:`trainer.overrides.ConfigShape.check`).
+
+    Raises:
+        ConfigError: one line naming the key, its group and the closest valid key or preset.
+    """
+    config_shape().check(overrides, multirun)
+
+
+def command_jobs(argv: Sequence[str]) -> list[list[str]]:
+    """The overrides of each job a ``trainer.main`` command line runs (one, or each of a ``-m`` sweep's), to
+    compose one by one; none when the command takes its presets from another folder (``--config-dir``).
+
+    Raises:
+        ConfigError: an override Hydra cannot read.
+    """
+    command = command_overrides(argv)
+    return config_shape().jobs(*command) if command is not None else []
+
+
+def check_command(argv: Sequence[str]) -> None:
+    """:func:`check_overrides` on a ``trainer.main`` command line (``sys.argv``), read as Hydra reads it; a
+    command that takes its presets from another folder (``--config-dir``) is left to Hydra.
+
+    Raises:
+        ConfigError: as :func:`check_overrides`.
+    """
+    command = command_overrides(argv)
+    if command is not None:
+        check_overrides(*command)
 
 
 def _reject_unknown_keys(node: DictConfig, prefix: str = "") -> None:
@@ -996,6 +1045,7 @@ def compose(overrides: Sequence[str] = ()) -> Config:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    check_overrides(overrides)
     register_configs()
     try:
         with hydra.initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

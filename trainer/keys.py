@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import re
 import sys
 import typing
+from collections.abc import Iterator
 from dataclasses import Field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from trainer.config import BACKENDS, DATA_SOURCES, GROUP_SCHEMAS, Config, compose, declared_keys
+from trainer.config import BACKENDS, DATA_SOURCES, GROUP_SCHEMAS, Config, compose, config_shape, declared_keys
 from trainer.schedules import SCHEDULES, ScheduleConfig
 from trainer.schema import on_resume
 
@@ -160,6 +162,58 @@ def every_key() -> set[str]:
         for schema in GROUP_SCHEMAS.get(group, {group: hints[group]}).values():
             keys.update(key for key, _ in declared_keys(schema, f"{group}."))
     return keys
+
+
+USAGE = """usage: python -m trainer.main [GROUP=PRESET ...] [KEY=VALUE ...]
+       torchrun --nproc_per_node=N -m trainer.main [...]    (several nodes: python -m launch.run)
+       python -m trainer.main -m KEY=A,B [...]               (a sweep: one run per value)
+
+Pick a preset of a group with GROUP=PRESET and set a key with KEY=VALUE; a key of one option
+(data.files) needs that option in the same command (data=text). The README's key table gives each
+key's default and what changing it on resume does; --hydra-help shows Hydra's own options."""
+
+
+def _first_sentence(doc: str) -> str:
+    text = " ".join(doc.replace("``", "`").split())
+    return re.split(r"(?<!e\.g\.)(?<! al\.)(?<=\.)\s(?=[A-Z])", text, maxsplit=1)[0]
+
+
+def _documented(schema: type[Any], prefix: str) -> Iterator[tuple[str, str]]:
+    """``(dotted key, first sentence of its docstring)`` of every key a schema declares, nested expanded."""
+    docs, hints = field_docs(schema), typing.get_type_hints(schema)
+    for declared in fields(schema):
+        if is_dataclass(hints[declared.name]):
+            yield from _documented(hints[declared.name], f"{prefix}{declared.name}.")
+        else:
+            yield f"{prefix}{declared.name}", _first_sentence(docs.get(declared.name, ""))
+
+
+def help_text() -> str:
+    """``python -m trainer.main --help``: the groups with their presets (no schema's ConfigStore entry), and
+    every key with the first sentence of its docstring, an option's own keys marked with the option.
+
+    Raises:
+        OSError: a schema's source cannot be read.
+    """
+    shape = config_shape()
+    hints = typing.get_type_hints(Config)
+    groups = [name for name in hints if name in shape.stored]
+    width = max(map(len, groups))
+    lines = [USAGE, "", "groups (GROUP=PRESET; * marks the default):"]
+    for group in groups:
+        default = shape.default(group)
+        presets = [f"{p}*" if p == default else p for p in shape.presets(group)]
+        lines.append(f"  {group:<{width}}  {'  '.join(presets)}")
+    rows: list[tuple[str, str]] = []
+    for group, base in hints.items():
+        rows += _documented(base, f"{group}.")
+        shared = {key for key, _ in _documented(base, f"{group}.")}
+        for option, schema in GROUP_SCHEMAS.get(group, {}).items():
+            own = [(key, doc) for key, doc in _documented(schema, f"{group}.") if key not in shared]
+            rows += [(key, f"({group}={option}) {doc}") for key, doc in own]
+    width = max(len(key) for key, _ in rows)
+    lines += ["", "keys (KEY=VALUE):", *(f"  {key:<{width}}  {doc}" for key, doc in rows)]
+    return "\n".join(lines)
 
 
 def replace_block(text: str) -> str:

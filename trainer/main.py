@@ -39,7 +39,7 @@ from torch import nn
 
 from trainer import distributed, export, resume, sweep
 from trainer.backends import build_backend
-from trainer.config import Config, conf_dir, register_configs, to_config
+from trainer.config import Config, check_command, conf_dir, register_configs, to_config
 from trainer.data import Data, build_data
 from trainer.errors import ConfigError, TrainingHalted
 from trainer.loop import Outcome, Trainer, TrainState
@@ -185,9 +185,17 @@ def run_job(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """``python -m trainer.main``: one run, or every job of a sweep in turn on all ranks; then leave."""
+    """``python -m trainer.main``: one run, or every job of a sweep in turn on all ranks; then leave.
+    ``--help`` lists the presets and the keys."""
     exit_with_parent()
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:  # ramp's presets and keys, not Hydra's listing
+        from trainer.keys import help_text
+
+        if distributed.env_rank() == 0:
+            print(help_text())
+        _exit(0)
     try:
+        check_command(sys.argv)  # a mistyped key, preset or value: one line, before Hydra composes
         sweep.check_command(sys.argv)
     except ConfigError as err:
         _exit(err.exit_code, str(err))

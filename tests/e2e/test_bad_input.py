@@ -16,7 +16,7 @@ from tests.helpers import own_lines, ramp_env, run_ramp, snapshot
         (["train.max_steps=abc"], "train.max_steps"),
         (["train.precision=fp16"], "train.precision"),
         (["schedule=cosine", "schedule.power=2"], "schedule.power"),
-        (["model=gpt9"], "model/gpt9"),
+        (["model=gpt9"], "model=gpt9 is not a model preset"),
         (
             ["train.max_steps=20", "schedule.warmup_steps=50"],
             "schedule.warmup_steps=50 exceeds the run's 20 steps",

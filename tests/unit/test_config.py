@@ -98,13 +98,21 @@ def test_overrides_reach_the_typed_config() -> None:
     ("overrides", "needles"),
     [
         pytest.param(["train.max_stepz=3"], ["max_stepz"], id="unknown-key"),
-        pytest.param(["train.max_steps=abc"], ["train.max_steps", "Integer"], id="wrong-type"),
+        pytest.param(["train.max_steps=abc"], ["train.max_steps=abc", "an integer"], id="wrong-type"),
         pytest.param(["train.precision=fp16"], ["train.precision", "fp16", "bf16"], id="bad-enum"),
-        pytest.param(["schedule=cosine", "schedule.power=2"], ["schedule.power"], id="other-schedule-key"),
         pytest.param(
-            ["schedule=linear", "schedule.num_cycles=2"], ["schedule.num_cycles"], id="linear-cycles"
+            ["schedule=cosine", "schedule.power=2"],
+            ["schedule.power", "schedule=cosine", "schedule=polynomial"],
+            id="other-schedule-key",
         ),
-        pytest.param(["model=gpt2-tinyy"], ["gpt2-tinyy"], id="unknown-preset"),
+        pytest.param(
+            ["schedule=linear", "schedule.num_cycles=2"],
+            ["schedule.num_cycles", "schedule=cosine_with_restarts"],
+            id="linear-cycles",
+        ),
+        pytest.param(
+            ["model=gpt2-tinyy"], ["model=gpt2-tinyy", "did you mean gpt2-tiny"], id="unknown-preset"
+        ),
     ],
 )
 def test_composition_refuses(overrides: list[str], needles: list[str]) -> None:
@@ -112,14 +120,13 @@ def test_composition_refuses(overrides: list[str], needles: list[str]) -> None:
         compose(overrides)
     message = str(excinfo.value)
     assert "\n" not in message
-    assert message.endswith("Check the key against the README's key table")
     for needle in needles:
         assert needle in message
 
 
 @pytest.mark.parametrize("override", ["+train.max_stepz=3", "+schedule.power=2"])
 def test_appended_unknown_key_is_refused(override: str) -> None:
-    with pytest.raises(ConfigError, match="is not a ramp setting"):
+    with pytest.raises(ConfigError, match="is not a key of"):
         compose([override])
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from trainer import distributed
-from trainer.config import Config, DataConfig
+from trainer.config import Config, DataConfig, TrainConfig
 from trainer.data.sampler import WindowSampler, eval_batches
 from trainer.data.sources import Source, build_source
 from trainer.data.store import TokenFiles, build, cache_key, default_cache_dir, lookup
@@ -111,6 +111,66 @@ def _once_per_node(build_entry: Callable[[], TokenFiles], entry: Path, info: Dis
     return files
 
 
+def _batch_words(t: TrainConfig, world_size: int) -> str:
+    """``train.micro_batch_size=8 on each of 2 ranks (16 windows)``, for messages."""
+    ranks = (
+        f" on each of {world_size} ranks ({t.micro_batch_size * world_size} windows)"
+        if world_size > 1
+        else ""
+    )
+    return f"train.micro_batch_size={t.micro_batch_size}{ranks}"
+
+
+def _check_train_batch(describe: str, windows: int, t: TrainConfig, world_size: int) -> None:
+    """Refuse a training slice with fewer windows of train.seq_len than one micro-batch on every rank.
+
+    Raises:
+        ConfigError: the numbers, and the micro-batch size or sequence length that would fit.
+    """
+    if windows >= t.micro_batch_size * world_size:
+        return
+    fits = windows // world_size
+    fixes = [f"lower train.micro_batch_size to {fits} or less"] if fits else []
+    raise ConfigError(
+        f"{describe} has {windows} training windows of train.seq_len={t.seq_len}, fewer than one micro-batch "
+        f"for every rank: {_batch_words(t, world_size)}; "
+        + ", ".join([*fixes, "lower train.seq_len", "or add text"])
+    )
+
+
+def _check_val_batch(describe: str, train_tokens: int, val_tokens: int, cfg: Config, world_size: int) -> None:
+    """Refuse evaluation on a validation slice with fewer windows than one micro-batch on every rank;
+    raising data.val_fraction is offered only where the corpus holds both slices at a fraction below 1.
+
+    Raises:
+        ConfigError: the numbers, and the fixes that would work.
+    """
+    t, need = cfg.train, cfg.train.micro_batch_size * world_size
+    windows = max(val_tokens - 1, 0) // t.seq_len
+    if windows >= need:
+        return
+    fixes = (
+        [f"lower train.micro_batch_size to {windows // world_size} or less"] if windows >= world_size else []
+    )
+    if (val_tokens - 1) // need >= t.seq_len // 4:  # a shorter sequence, not a degenerate one
+        fixes.append(f"lower train.seq_len to {(val_tokens - 1) // need} or less")
+    slice_tokens, total = need * t.seq_len + 1, train_tokens + val_tokens
+    # Documents are held out whole (by a hash of their text), so a fraction only approximates the
+    # share of tokens: ask for a quarter more than the bare minimum.
+    fraction = float(f"{1.25 * slice_tokens / total:.2g}") if total else 1.0
+    if cfg.data.val_fraction < fraction < 1 and (1 - fraction) * total >= slice_tokens:
+        fixes.append(f"raise data.val_fraction to {fraction:g}")
+    fixes.append("set train.eval_every=0 to skip evaluation")
+    raise ConfigError(
+        f"the validation slice of {describe} (data.val_fraction={cfg.data.val_fraction:g}) holds {val_tokens} "
+        f"tokens, {windows} windows of train.seq_len={t.seq_len}: fewer than one micro-batch for every rank, "
+        f"{_batch_words(t, world_size)}; "
+        + ", ".join(fixes[:-1])
+        + (", or " if fixes[:-1] else "")
+        + fixes[-1]
+    )
+
+
 def build_data(cfg: Config, info: DistInfo) -> Data:
     """Tokenize once per node (local rank 0 builds while the others wait), then memory-map on every rank.
 
@@ -128,17 +188,9 @@ def build_data(cfg: Config, info: DistInfo) -> Data:
             f"train.seq_len + 1 = {t.seq_len + 1}; add text or lower train.seq_len"
         )
     sampler = WindowSampler(train_tokens, t.seq_len, t.micro_batch_size, info.rank, info.world_size, t.seed)
-    if sampler.num_samples < sampler.global_batch:
-        raise ConfigError(
-            f"{source.describe} has {sampler.num_samples} training windows of train.seq_len={t.seq_len}, "
-            f"fewer than one micro-batch for every rank ({sampler.global_batch}); lower train.micro_batch_size "
-            "or train.seq_len, or add text"
-        )
+    _check_train_batch(source.describe, sampler.num_samples, t, info.world_size)
     val_tokens = files.tokens("val")
-    if t.eval_every and max(len(val_tokens) - 1, 0) // t.seq_len < t.micro_batch_size * info.world_size:
-        raise ConfigError(
-            f"the validation slice of {source.describe} holds fewer than one micro-batch of "
-            f"train.seq_len={t.seq_len} ({len(val_tokens)} tokens); raise data.val_fraction or set train.eval_every=0"
-        )
+    if t.eval_every:
+        _check_val_batch(source.describe, len(train_tokens), len(val_tokens), cfg, info.world_size)
     meta = files.meta
     return Data(files, sampler, val_tokens, meta["vocab_size"], meta["eos_id"], files.tokenizer_file)

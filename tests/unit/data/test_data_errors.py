@@ -156,3 +156,62 @@ def test_a_tokenizer_without_an_end_of_document_token(tmp_path: Path) -> None:
 def test_bad_values_fail_at_start_up(overrides: list[str], named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
         config(*overrides)
+
+
+def test_a_micro_batch_larger_than_the_validation_slice_names_the_batch_and_the_fixes_that_work(
+    tmp_path: Path,
+) -> None:
+    """100 documents of 200 bytes, 10% held out: about 2,000 validation tokens, 125 windows of 16."""
+    for i in range(100):
+        (tmp_path / f"{i}.txt").write_text(f"{i:03d} " + "w" * 196)
+    base = ["data=text", f"data.files={tmp_path}/*.txt", f"data.cache_dir={tmp_path / 'cache'}"]
+    base += ["train.seq_len=16", "data.val_fraction=0.1"]
+    with pytest.raises(ConfigError) as excinfo:
+        build_data(config(*base, "train.micro_batch_size=200"), ONE_PROCESS)
+    message = str(excinfo.value)
+    val_tokens = int(message.split(" holds ")[1].split()[0])
+    windows = (val_tokens - 1) // 16
+    assert message == (
+        f"the validation slice of data.files={tmp_path}/*.txt (data.val_fraction=0.1) holds {val_tokens} tokens, "
+        f"{windows} windows of train.seq_len=16: fewer than one micro-batch for every rank, "
+        f"train.micro_batch_size=200; lower train.micro_batch_size to {windows} or less, lower train.seq_len to "
+        f"{(val_tokens - 1) // 200} or less, raise data.val_fraction to 0.2, or set train.eval_every=0 to skip "
+        "evaluation"
+    )
+    # Each fix it offers works.
+    for fix in (f"train.micro_batch_size={windows}", "data.val_fraction=0.2", "train.eval_every=0"):
+        build_data(config(*base, "train.micro_batch_size=200", fix), ONE_PROCESS)
+    build_data(
+        config(*base, "train.micro_batch_size=200", f"train.seq_len={(val_tokens - 1) // 200}"), ONE_PROCESS
+    )
+    # A batch the whole corpus cannot hold twice over: no fraction helps, so none is offered.
+    with pytest.raises(ConfigError) as excinfo:
+        build_data(config(*base, "train.micro_batch_size=1000"), ONE_PROCESS)
+    assert "data.val_fraction to" not in str(excinfo.value)
+    assert "train.seq_len to" not in str(excinfo.value)  # 2 tokens a sequence is no fix
+    assert str(excinfo.value).endswith(
+        f"train.micro_batch_size=1000; lower train.micro_batch_size to {windows} or less, or set "
+        "train.eval_every=0 to skip evaluation"
+    )
+
+
+def test_a_micro_batch_larger_than_the_training_slice_names_the_batch(tmp_path: Path) -> None:
+    for i in range(10):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} " * 20)  # 240 bytes each
+    files = f"data.files={tmp_path}/*.txt"
+    cfg = config(
+        "data=text",
+        files,
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.seq_len=16",
+        "train.micro_batch_size=500",
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        build_data(cfg, ONE_PROCESS)
+    message = str(excinfo.value)
+    windows = int(message.split(" has ")[1].split()[0])
+    assert message == (
+        f"{files} has {windows} training windows of train.seq_len=16, fewer than one micro-batch for every rank: "
+        f"train.micro_batch_size=500; lower train.micro_batch_size to {windows} or less, lower train.seq_len, "
+        "or add text"
+    )

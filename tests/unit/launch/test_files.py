@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from launch.run import expand_nodelist, visible_gpus
+from launch.submit import SubmitError, time_limit_seconds
 from tests.helpers import REPO, missing
 
 SHELL_SCRIPTS = [
@@ -116,10 +117,13 @@ def test_launcher_options_win_over_slurm_and_one_node_runs_standalone(tmp_path: 
     assert "--nnodes=2" in two.stdout
     assert "--rdzv-endpoint=n3:20008" in two.stdout
     outside = python_m(
-        "launch.run", ["--dry-run", "--nnodes", "2", "--max-restarts", "3"], clean_env(), tmp_path
+        "launch.run",
+        ["--dry-run", "--nnodes", "2", "--head", "node0", "--max-restarts", "3"],
+        clean_env(),
+        tmp_path,
     )
     assert outside.returncode == 0, outside.stderr
-    assert "--rdzv-endpoint=127.0.0.1:29400" in outside.stdout  # torchrun's own default c10d port
+    assert "--rdzv-endpoint=node0:29400" in outside.stdout  # torchrun's own default c10d port
     assert "--rdzv-id=ramp" in outside.stdout
     assert "--max-restarts=3" in outside.stdout
     assert f"--nproc-per-node={visible_gpus(os.environ) or 1}" in outside.stdout  # every GPU, else 1
@@ -157,6 +161,86 @@ def test_submit_writes_a_batch_script_for_n_nodes_by_g_gpus(tmp_path: Path) -> N
     assert 'scontrol requeue "$SLURM_JOB_ID"' in body
     check = subprocess.run(["bash", "-n", str(scripts[0])], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
+
+
+def test_slurm_time_limits_in_every_format() -> None:
+    assert time_limit_seconds("30") == 30 * 60  # MM
+    assert time_limit_seconds("10:00") == 600  # MM:SS
+    assert time_limit_seconds("01:02:03") == 3723  # HH:MM:SS
+    assert time_limit_seconds("2-3") == (2 * 24 + 3) * 3600  # D-HH
+    assert time_limit_seconds("1-00:30") == 24 * 3600 + 30 * 60  # D-HH:MM
+    assert time_limit_seconds("1-00:00:05") == 24 * 3600 + 5  # D-HH:MM:SS
+    for unlimited in ("0", "UNLIMITED", "infinite"):
+        assert time_limit_seconds(unlimited) is None
+    for bad in ("1h", "1:2:3:4", "-5", ""):
+        with pytest.raises(SubmitError, match="is not a Slurm time limit"):
+            time_limit_seconds(bad)
+
+
+SUBMIT_REFUSALS = [
+    (
+        ["--time", "00:04:00", "--", "train.max_steps=1000"],
+        "--time=00:04:00 (240 s) is not above --grace=300 s plus a minute: Slurm would signal the job as soon as "
+        "it starts, and it would requeue one step at a time; give a --time longer than 360 s (well above it: "
+        "each requeue waits for Slurm) or a shorter --grace",
+    ),
+    (
+        ["--time", "10:00", "--grace", "560", "--", "train.max_steps=1000"],
+        "--time=10:00 (600 s) is not above --grace=560 s plus a minute",
+    ),
+    (
+        ["--time", "1h"],
+        "--time=1h is not a Slurm time limit; use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS",
+    ),
+    (
+        ["--time", "1-0", "--", "train.max_step=1000"],
+        "train.max_step is not a key of train; did you mean train.max_steps?",
+    ),
+    (["--", "model=gpt3"], "model=gpt3 is not a model preset; choose one of gpt2-124m, gpt2-tiny, llama-1b"),
+    # composed as the job will be: the value checks run, on the job's 2 x 2 ranks
+    (
+        ["--", "train.max_steps=10", "schedule.warmup_steps=11"],
+        "schedule.warmup_steps=11 exceeds the run's 10 steps",
+    ),
+    (
+        ["--nodes", "2", "--nproc-per-node", "2", "--", "train.batch_schedule=0:8 1M:16"],
+        "train.batch_schedule: a global batch of 8 is not a multiple of train.micro_batch_size x world size = 8 x 4",
+    ),
+    (["--", "-m", "optim.lr=1e-3,-1"], "sweep job 2 of 2 (optim.lr=-1): optim.lr=-1.0 must be > 0"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), SUBMIT_REFUSALS, ids=[" ".join(a) for a, _ in SUBMIT_REFUSALS])
+def test_submit_refuses_a_bad_time_limit_or_configuration_before_writing_anything(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    cut = args.index("--") if "--" in args else len(args)
+    options = [*args[:cut], "--chdir", str(tmp_path), "--dry-run", *args[cut:]]
+    result = python_m("launch.submit", options, clean_env(), tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"ramp: error: {message}")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == [], "a refused job writes no script"
+
+
+def test_several_nodes_outside_slurm_need_a_head(tmp_path: Path) -> None:
+    result = python_m(
+        "launch.run", ["--dry-run", "--nnodes", "2", "--", "train.max_steps=5"], clean_env(), tmp_path
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "ramp: error: --nnodes=2 outside a Slurm allocation needs --head HOST: the address of the node that "
+        "hosts the rendezvous, reachable from every node; give every node the same --head (and --port, --run-id)"
+    ]
+    assert result.stdout == ""
+    # A Slurm allocation names the head; without a node list it does not.
+    inside = clean_env(SLURM_JOB_ID="9", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="n[5-6]")
+    derived = python_m("launch.run", ["--dry-run"], inside, tmp_path)
+    assert derived.returncode == 0, derived.stderr
+    assert "--rdzv-endpoint=n5:20009" in derived.stdout
+    bare = clean_env(SLURM_JOB_ID="9", SLURM_JOB_NUM_NODES="2")
+    assert python_m("launch.run", ["--dry-run"], bare, tmp_path).returncode == 2
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)

@@ -271,9 +271,9 @@ def run_worker(
     return result
 
 
-def run_export(checkpoint: Path, out_dir: Path, cache_dir: Path) -> None:
-    """``python -m trainer.export CHECKPOINT OUT_DIR`` as a user runs it."""
-    result = subprocess.run(
+def export_command(checkpoint: Path, out_dir: Path, cache_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m trainer.export CHECKPOINT OUT_DIR`` as a user runs it; its exit status and output."""
+    return subprocess.run(
         [sys.executable, "-m", "trainer.export", str(checkpoint), str(out_dir)],
         env=ramp_env(cache_dir),
         capture_output=True,
@@ -282,6 +282,11 @@ def run_export(checkpoint: Path, out_dir: Path, cache_dir: Path) -> None:
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+def run_export(checkpoint: Path, out_dir: Path, cache_dir: Path) -> None:
+    """``python -m trainer.export CHECKPOINT OUT_DIR``, which must succeed."""
+    result = export_command(checkpoint, out_dir, cache_dir)
     assert result.returncode == 0, result.stderr
 
 

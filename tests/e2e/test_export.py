@@ -5,15 +5,13 @@ refused in one line."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import checkpoint_meta, ramp_env
+from tests.helpers import checkpoint_meta, export_command
 from trainer import checkpoint
 from trainer.backends import build_backend
 from trainer.config import Config
@@ -24,18 +22,6 @@ from trainer.models import build_model
 from trainer.observe import redact
 
 CORPUS = [["def add(x, y):\n    return x + y\n", "for line in open('a.txt'):\n    print(line)\n"] * 20]
-
-
-def export(source: Path, out: Path, cache_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trainer.export", str(source), str(out)],
-        env=ramp_env(cache_dir),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -66,7 +52,7 @@ def test_a_run_folder_exports_its_newest_checkpoint_with_a_ready_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "hf"
-    result = export(bpe_run, out, cache_dir)
+    result = export_command(bpe_run, out, cache_dir)
     newest = bpe_run / "checkpoints" / "step_4"
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"ramp | exported step 4 ({newest}) to {out}\n"
@@ -97,7 +83,7 @@ def test_a_run_folder_exports_its_newest_checkpoint_with_a_ready_tokenizer(
 def test_a_folder_without_a_checkpoint_fails_in_one_line(tmp_path: Path, cache_dir: Path) -> None:
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    result = export(run, tmp_path / "hf", cache_dir)
+    result = export_command(run, tmp_path / "hf", cache_dir)
     assert result.returncode == 2
     assert result.stderr == (
         f"ramp: error: CHECKPOINT {run} holds no complete checkpoint; pass a run folder (outputs/<run>), its "

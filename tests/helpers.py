@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -436,3 +437,22 @@ def kill_when(
             time.sleep(0.01)
     finally:
         kill_job(proc)
+
+
+def free_port(span: int = 1) -> int:
+    """A port with the next ``span - 1`` ports free too."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + span > 65535:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for offset in range(1, span):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port")

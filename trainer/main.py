@@ -37,7 +37,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from trainer import distributed, export, resume, sweep
+from trainer import distributed, export, resume, slurm_sweep, sweep
 from trainer.backends import build_backend
 from trainer.config import Config, check_command, conf_dir, register_configs, to_config
 from trainer.data import Data, build_data
@@ -173,6 +173,9 @@ def run_job(dcfg: DictConfig) -> None:
     """Hydra's task function, once per run (or per job of a ``-m`` sweep, see :mod:`trainer.sweep`):
     train, and turn ramp's errors into one line, naming the sweep's job, and their exit code."""
     job = sweep.current_job(sys.argv)
+    if job is not None and slurm_sweep.in_job():  # a sweep point's Slurm job: ramp's launcher trains it
+        slurm_sweep.run_point(dcfg, job)
+        return
     try:
         if job is not None:
             sweep.prepare(dcfg, job)

@@ -16,6 +16,10 @@ checked, where the job writes and how it is named:
 
 A resumed sweep is the same command again: a finished job finds nothing to train, an interrupted one
 resumes its newest checkpoint, the rest start.
+
+With ``hydra/launcher=ramp_slurm`` each job is a Slurm job instead (:mod:`trainer.slurm_sweep`): its
+process on the node runs under submitit's command, so :func:`current_job` reads the sweep's overrides
+from its ``multirun.yaml``; the folder and group are computed here all the same.
 """
 
 from __future__ import annotations
@@ -48,10 +52,25 @@ class Job:
         return f"sweep job {self.number + 1} of {self.total} ({', '.join(self.swept) or 'no swept key'})"
 
 
+SUBMITIT_EXECUTOR = "SUBMITIT_EXECUTOR"
+"""Set in every job that Hydra's submitit launcher runs (``slurm`` on a Slurm node): see :mod:`trainer.slurm_sweep`."""
+
+
 def _command_overrides(argv: list[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     given = [arg for arg in argv[1:] if "=" in arg and not arg.startswith("-")]
+    return list(OverridesParser.create().parse_overrides(given))
+
+
+def _saved_overrides(sweep_dir: Path) -> list[Any]:
+    """The sweep command's overrides as Hydra saved them in the sweep's ``multirun.yaml`` (a job on a
+    Slurm node runs under submitit's command, not the sweep's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides
+    given = [str(o) for o in [*saved.hydra, *saved.task]]
     return list(OverridesParser.create().parse_overrides(given))
 
 
@@ -63,7 +82,11 @@ def current_job(argv: list[str]) -> Job | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     hydra_cfg = HydraConfig.get()
-    sweeps = [o for o in _command_overrides(argv) if o.is_sweep_override()]
+    if os.environ.get(SUBMITIT_EXECUTOR):
+        command = _saved_overrides(Path(str(hydra_cfg.sweep.dir)))
+    else:
+        command = _command_overrides(argv)
+    sweeps = [o for o in command if o.is_sweep_override()]
     keys = {o.key_or_group for o in sweeps}
     task = tuple(str(o) for o in hydra_cfg.overrides.task)
     swept = tuple(sorted(o for o in task if o.split("=", 1)[0].lstrip("+~") in keys))
@@ -72,14 +95,23 @@ def current_job(argv: list[str]) -> Job | None:
 
 
 def check_command(argv: list[str]) -> None:
-    """Before Hydra writes anything: refuse a sweep whose jobs would share one ``run.dir``.
+    """Before Hydra writes anything: refuse a sweep whose jobs would share one ``run.dir``, and submitit's
+    bare Slurm launcher.
 
     Raises:
-        ConfigError: a fixed ``run.dir`` (no swept key interpolated in it) given to a sweep of 2 or more jobs.
+        ConfigError: a fixed ``run.dir`` (no swept key interpolated in it) given to a sweep of 2 or more jobs;
+            ``hydra/launcher=submitit_slurm`` (its jobs get SIGUSR2, which ends ramp's launcher unsaved).
     """
     if not any(arg in ("-m", "--multirun") for arg in argv[1:]):
         return
     overrides = _command_overrides(argv)
+    for override in overrides:
+        if override.key_or_group == "hydra/launcher" and override.value() == "submitit_slurm":
+            raise ConfigError(
+                "hydra/launcher=submitit_slurm signals its jobs with SIGUSR2 before the time limit, which ends "
+                "ramp's launcher without a checkpoint; use hydra/launcher=ramp_slurm (submitit_slurm with "
+                "SIGUSR1, requeue and ramp's launcher on each node)"
+            )
     sweeps = [o for o in overrides if o.is_sweep_override()]
     total = math.prod(len(list(o.sweep_string_iterator())) for o in sweeps) if sweeps else 1
     for override in overrides:

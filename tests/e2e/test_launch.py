@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 
 from launch.run import expand_nodelist
 from launch.submit import job_id
-from tests.helpers import REPO, kill_job, missing, ramp_env, read_metrics, train_steps
+from tests.helpers import REPO, free_port, kill_job, ramp_env, read_metrics, train_steps
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +44,6 @@ BASE = [
     "run.name=run",
 ]
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-CLUSTER_UP = REPO / "launch" / "slurm" / "local_cluster_up.sh"
-CLUSTER_DOWN = REPO / "launch" / "slurm" / "local_cluster_down.sh"
 
 
 def launch_env(cache_dir: Path, **extra: str) -> dict[str, str]:
@@ -59,25 +56,6 @@ def series(run_dir: Path) -> list[tuple[Any, ...]]:
     train, evals = read_metrics(run_dir)
     rows = [(r["step"], r["loss"], r["lr"], r["grad_norm"], r["tokens"]) for r in train]
     return rows + [(e["step"], e["val_loss"]) for e in evals]
-
-
-def free_port(span: int = 1) -> int:
-    """A port with the next ``span - 1`` ports free too."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + span > 65535:
-            continue
-        with contextlib.ExitStack() as stack:
-            try:
-                for offset in range(1, span):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port + offset))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
 
 
 def start(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -195,27 +173,6 @@ def test_entrypoint_trains_and_docker_stop_checkpoints_then_resumes(
 
 
 # -- Slurm -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A real one-node Slurm cluster on localhost, started (and installed, if need be) for this
-    session on free ports, and stopped at its end."""
-    folder = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "RAMP_SLURM_DIR": str(folder), "RAMP_SLURM_PORT": str(free_port(span=2))}
-    try:
-        up = subprocess.run(
-            ["bash", str(CLUSTER_UP)], env=env, capture_output=True, text=True, timeout=300, check=False
-        )
-        if up.returncode == 3:
-            missing(f"a local Slurm cluster ({up.stderr.strip()})")
-        assert up.returncode == 0, up.stdout + up.stderr
-        yield {"SLURM_CONF": str(folder / "etc" / "slurm.conf")}
-    finally:
-        down = subprocess.run(
-            ["bash", str(CLUSTER_DOWN)], env=env, capture_output=True, text=True, timeout=120, check=False
-        )
-        assert down.returncode == 0, down.stdout + down.stderr
 
 
 def scontrol_job(job: str, env: dict[str, str]) -> dict[str, str]:

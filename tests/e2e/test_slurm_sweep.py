@@ -1,0 +1,171 @@
+"""A Hydra sweep on the real one-node Slurm cluster on localhost, one Slurm job per point through Hydra's
+submitit launcher (hydra/launcher=ramp_slurm), each point trained by ramp's launcher on 2 ranks.
+
+Each point must log exactly the steps, losses and learning rates of the same run started directly with
+torchrun; a point signalled as before its time limit saves, requeues itself and resumes, and still does."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers import kill_job, ramp_env, read_metrics, run_ramp, train_steps
+from trainer.plot import sweep_jobs
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "train.max_steps=6",
+    "train.log_every=1",
+    "train.seq_len=32",
+    "train.micro_batch_size=2",
+    # One thread per rank: the direct runs and the Slurm jobs must round alike.
+    "train.threads=1",
+    "logger.wandb.mode=disabled",
+]
+LONGER = [  # long enough to be signalled mid-run
+    "train.max_steps=24",
+    "train.log_every=1",
+    "train.ckpt_every=4",
+    "train.seq_len=128",
+    "train.micro_batch_size=4",
+    "train.threads=1",
+    "logger.wandb.mode=disabled",
+]
+
+
+def records(run_dir: Path) -> list[tuple[Any, ...]]:
+    train, evals = read_metrics(run_dir)
+    return [(r["step"], r["lr"], r["loss"]) for r in train] + [(e["step"], e["val_loss"]) for e in evals]
+
+
+def direct(overrides: list[str], run_dir: Path, cache_dir: Path) -> Path:
+    """The same run started directly into ``run_dir``: torchrun, 2 ranks."""
+    result = run_ramp([*overrides, f"run.dir={run_dir}"], cwd=run_dir.parent, cache_dir=cache_dir, nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+@contextmanager
+def sweep(
+    cwd: Path, env: dict[str, str], name: str, overrides: list[str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m trainer.main -m hydra/launcher=ramp_slurm ...`` running (it waits for every job); on the
+    way out it is stopped and the sweep's jobs cancelled."""
+    cpus = min(2, len(os.sched_getaffinity(0)))  # a whole node per job: the points run one after another
+    cmd = [sys.executable, "-m", "trainer.main", "-m", "hydra/launcher=ramp_slurm"]
+    cmd += [f"hydra.launcher.cpus_per_task={cpus}", "hydra.launcher.timeout_min=10", f"run.name={name}"]
+    with open(cwd / "sweep.log", "ab") as log:
+        proc = subprocess.Popen(
+            [*cmd, *overrides],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+        subprocess.run(["scancel", f"--name={name}"], env=env, timeout=30, check=False)
+
+
+def sweep_env(cache_dir: Path, slurm: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in ramp_env(cache_dir).items() if not k.startswith("SLURM_")}
+    return {**env, **slurm, "RAMP_NPROC_PER_NODE": "2"}
+
+
+def job_logs(cwd: Path, name: str) -> str:
+    """Every job's stdout and stderr (submitit's log of it), in job order."""
+    logs = sorted((cwd / "outputs" / name / ".hydra" / ".submitit").glob("*/*_log.out"))
+    return "\n".join(path.read_text() for path in logs)
+
+
+@pytest.mark.timeout(420)
+def test_a_slurm_sweep_runs_each_point_as_a_job_on_2_ranks_like_a_direct_run(
+    tmp_path: Path, cache_dir: Path, slurm: dict[str, str]
+) -> None:
+    env = sweep_env(cache_dir, slurm)
+    # Two points to train, and one that fails on bad input: Hydra reports it once every job has ended.
+    with sweep(tmp_path, env, "sw", [*TINY, "optim.lr=1e-3,2e-3,-1"]) as proc:
+        code = proc.wait(timeout=300)
+    logs, submitted = job_logs(tmp_path, "sw"), (tmp_path / "sweep.log").read_text()
+    assert code == 1, submitted[-3000:] + logs[-3000:]
+    assert (
+        "sweep job 3 of 3 (optim.lr=-1): ramp's launcher exited with status 2; its output is in " in submitted
+    )
+    assert logs.count("ramp: error: optim.lr=-1.0 must be > 0") == 1
+    assert logs.count("launch | node 0 of 1 on ") == 3
+    assert logs.count("2 processes per node") == 3
+    assert logs.count("world 2 |") == 2
+    sweep_dir = tmp_path / "outputs" / "sw"
+    for lr, folder in (("1e-3", "optim.lr=0.001"), ("2e-3", "optim.lr=0.002")):
+        run_dir = sweep_dir / folder
+        assert f"ramp | done: 6 steps, 768 tokens | outputs/sw/{folder}" in logs
+        assert records(run_dir) == records(direct([*TINY, f"optim.lr={lr}"], tmp_path / f"lr{lr}", cache_dir))
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert (saved["run"]["name"], saved["logger"]["wandb"]["group"]) == (f"sw/{folder}", "sw")
+        # Per-rank logs, one folder per point: logs/<run.name>/<job id>/node0/<torchrun id>/attempt_0/<rank>.
+        ranks = [
+            list((tmp_path / "logs" / "sw" / folder).glob(f"*/node0/*/attempt_0/{r}/stdout.log"))
+            for r in (0, 1)
+        ]
+        assert [len(files) for files in ranks] == [1, 1], folder
+        assert "ramp | done: 6 steps" in ranks[0][0].read_text()
+    # The sweep report reads a Slurm sweep as it reads a local one.
+    assert [(job.folder, job.status) for job in sweep_jobs(sweep_dir)] == [
+        ("optim.lr=0.001", "finished"),
+        ("optim.lr=0.002", "finished"),
+        ("optim.lr=-1", "not run"),
+    ]
+
+
+@pytest.mark.timeout(420)
+def test_a_point_signalled_before_its_time_limit_saves_requeues_and_resumes_exactly(
+    tmp_path: Path, cache_dir: Path, slurm: dict[str, str]
+) -> None:
+    env = sweep_env(cache_dir, slurm)
+    run_dir = tmp_path / "outputs" / "pre" / "optim.lr=0.001"
+    with sweep(tmp_path, env, "pre", [*LONGER, "optim.lr=choice(1e-3)"]) as proc:
+        deadline = time.monotonic() + 180
+        while train_steps(run_dir) < 3:
+            assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, job_logs(tmp_path, "pre")[-3000:]
+            time.sleep(0.05)
+        running = subprocess.run(
+            ["squeue", "-h", "-t", "R", "-n", "pre", "-o", "%i"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
+        assert len(running) == 1, running
+        # What --signal=USR1@<signal_delay_s> does before the time limit: SIGUSR1 to every process of the job.
+        subprocess.run(["scancel", "--signal=USR1", running[0]], env=env, timeout=60, check=True)
+        code = proc.wait(timeout=240)
+    logs = job_logs(tmp_path, "pre")
+    assert code == 0, (tmp_path / "sweep.log").read_text()[-3000:] + logs[-3000:]
+    stopped = re.findall(r"ramp \| preempted by SIGUSR1 \(to the launcher\): saved \S+ at step (\d+)", logs)
+    assert len(stopped) == 1, logs[-3000:]
+    step = stopped[0]
+    assert 3 <= int(step) < 24
+    assert logs.index(f"at step {step}; exiting") < logs.index("Calling checkpoint method.")  # saved first
+    assert f"Requeued job {running[0]}" in logs
+    assert f"resuming from outputs/pre/optim.lr=0.001/checkpoints/step_{step} at step {step}" in logs
+    assert "ramp | done: 24 steps" in logs
+    train, _ = read_metrics(run_dir)
+    assert [r["step"] for r in train] == list(range(1, 25))  # each step exactly once
+    assert records(run_dir) == records(direct([*LONGER, "optim.lr=1e-3"], tmp_path / "direct", cache_dir))

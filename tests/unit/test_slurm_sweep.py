@@ -1,0 +1,84 @@
+"""The pieces of a Slurm sweep that run without Slurm: the launcher preset as submitit writes it into the
+batch script, the command each point's job runs, and what is refused before anything is submitted."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from trainer import sweep
+from trainer.config import conf_dir, register_configs
+from trainer.errors import ConfigError
+from trainer.slurm_sweep import launch_command, nproc_per_node, quote
+
+
+def composed(overrides: list[str]) -> Any:
+    register_configs()
+    with hydra.initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra.compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def test_the_preset_signals_usr1_before_the_limit_and_requeues_in_the_batch_script(tmp_path: Path) -> None:
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    cfg = composed(["hydra/launcher=ramp_slurm", "run.name=lr-sweep", "hydra.launcher.signal_delay_s=240"])
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert isinstance(launcher, dict)
+    assert (launcher["name"], launcher["tasks_per_node"], launcher["nodes"]) == ("lr-sweep", 1, 1)
+    assert launcher["max_num_timeout"] > 0
+    assert launcher["submitit_folder"] == "outputs/lr-sweep/.hydra/.submitit/%j"
+    script = _make_sbatch_string(
+        command="python -m submitit.core._submit",
+        folder=tmp_path,
+        signal_delay_s=launcher["signal_delay_s"],
+        additional_parameters=launcher["additional_parameters"],
+        setup=launcher["setup"],
+    )
+    assert "#SBATCH --signal=USR1@240" in script.splitlines()
+    assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in script.splitlines()
+
+
+def test_a_point_runs_ramps_launcher_with_its_overrides_folder_and_group() -> None:
+    dcfg = composed(["run.name=lr-sweep", "optim.lr=0.001"])
+    job = sweep.Job(0, 2, ("run.name=lr-sweep", "optim.lr=0.001", "train.seed=3"), ("optim.lr=0.001",))
+    env = {"RAMP_NPROC_PER_NODE": "2"}
+    assert launch_command(dcfg, job, env) == [
+        sys.executable,
+        "-m",
+        "launch.run",
+        "--nproc-per-node",
+        "2",
+        "--log-dir",
+        "logs/lr-sweep/optim.lr=0.001",
+        "--",
+        "optim.lr=0.001",
+        "train.seed=3",
+        "run.name='lr-sweep/optim.lr=0.001'",
+        "logger.wandb.group='lr-sweep'",
+    ]
+
+
+@pytest.mark.parametrize("value", ["lr-sweep/optim.lr=0.001,train.seed=1", "it's", "a\\", "b\\'c d"])
+def test_quoted_values_read_back_as_themselves(value: str) -> None:
+    assert OverridesParser.create().parse_override(f"run.name={quote(value)}").value() == value
+
+
+def test_ranks_per_node_come_from_the_environment() -> None:
+    assert nproc_per_node({}) is None
+    assert nproc_per_node({"RAMP_NPROC_PER_NODE": ""}) is None
+    assert nproc_per_node({"RAMP_NPROC_PER_NODE": "8"}) == 8
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ConfigError, match=f"RAMP_NPROC_PER_NODE={bad} is not a number"):
+            nproc_per_node({"RAMP_NPROC_PER_NODE": bad})
+
+
+def test_submitits_bare_slurm_launcher_is_refused_before_anything_is_submitted() -> None:
+    with pytest.raises(ConfigError, match="use hydra/launcher=ramp_slurm"):
+        sweep.check_command(["main", "-m", "hydra/launcher=submitit_slurm", "optim.lr=1e-3,2e-3"])
+    sweep.check_command(["main", "-m", "hydra/launcher=ramp_slurm", "optim.lr=1e-3,2e-3"])

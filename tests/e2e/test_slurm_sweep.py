@@ -113,7 +113,8 @@ def test_a_slurm_sweep_runs_each_point_as_a_job_on_2_ranks_like_a_direct_run(
     sweep_dir = tmp_path / "outputs" / "sw"
     for lr, folder in (("1e-3", "optim.lr=0.001"), ("2e-3", "optim.lr=0.002")):
         run_dir = sweep_dir / folder
-        assert f"ramp | done: 6 steps, 768 tokens | outputs/sw/{folder}" in logs
+        done = rf"ramp \| done: 6 steps, 768 tokens in \d+:\d\d:\d\d( \| val_loss \S+)? \| outputs/sw/{re.escape(folder)}\n"
+        assert re.search(done, logs), logs[-3000:]
         assert records(run_dir) == records(direct([*TINY, f"optim.lr={lr}"], tmp_path / f"lr{lr}", cache_dir))
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert (saved["run"]["name"], saved["logger"]["wandb"]["group"]) == (f"sw/{folder}", "sw")

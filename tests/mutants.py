@@ -360,8 +360,8 @@ MUTANTS = [
     Mutant(
         "Ctrl-C not a stop signal (a KeyboardInterrupt loses the run)",
         "trainer/preemption.py",
-        "SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)",
-        "SIGNALS = (signal.SIGTERM, signal.SIGUSR1)",
+        "        previous = signal.signal(signal.SIGINT, self._handle)",
+        "        previous = signal.getsignal(signal.SIGINT)",
         (
             f"{E2E}/test_launch.py::test_ctrl_c_to_one_process_saves_and_the_same_command_resumes_bit_identically",
         ),
@@ -386,6 +386,24 @@ MUTANTS = [
         "                node[leaf] = old",
         "                pass",
         (f"{UNIT}/observe/test_observe.py",),
+    ),
+    Mutant(
+        "a Ctrl-C waits for the whole evaluation",
+        "trainer/loop.py",
+        "                if stop is not None and stop.agreed():\n                    return None\n",
+        "",
+        (
+            f"{E2E}/test_launch.py::test_ctrl_c_to_one_process_saves_and_the_same_command_resumes_bit_identically",
+        ),
+    ),
+    Mutant(
+        "an evaluation cut short is never run on resume",
+        "trainer/loop.py",
+        "        if not state.eval_pending:\n            return True\n",
+        "        return True\n",
+        (
+            f"{E2E}/test_launch.py::test_ctrl_c_to_one_process_saves_and_the_same_command_resumes_bit_identically",
+        ),
     ),
 ]
 

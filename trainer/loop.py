@@ -61,11 +61,13 @@ class TrainState:
     """Tokens trained on, summed over ranks."""
     skipped_steps: int = 0
     """Updates dropped for a non-finite gradient norm (train.on_nan=skip)."""
+    eval_pending: bool = False
+    """The evaluation due at ``global_step`` has not been recorded (a stop signal cut it short)."""
 
     @classmethod
     def from_checkpoint(cls, meta: resume.CheckpointMeta) -> TrainState:
         """The counters a checkpoint recorded."""
-        return cls(global_step=meta.step, tokens=meta.tokens, skipped_steps=meta.skipped_steps)
+        return cls(meta.step, meta.tokens, meta.skipped_steps, meta.eval_pending)
 
 
 @dataclass
@@ -338,13 +340,16 @@ class Trainer:
         return loss_sum, tokens
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Token-weighted validation loss over the same held-out windows every time, reduced over ranks."""
+    def evaluate(self, stop: StopSignal | None = None) -> dict[str, float] | None:
+        """Token-weighted validation loss over the same held-out windows every time, reduced over ranks;
+        None when ``stop`` is agreed on between two batches (a Ctrl-C does not wait for the evaluation)."""
         module = self.backend.module  # unwrapped: ZeRO 3's hooks on it gather each layer as it runs
         total = torch.zeros(2, device=self.info.device, dtype=torch.float64)
         module.eval()
         try:
             for indices in self.data.eval_indices(self.cfg, self.info):
+                if stop is not None and stop.agreed():
+                    return None
                 batch = to_device(
                     self.data.train.gather_from(self.data.val_tokens, indices), self.info.device
                 )
@@ -367,6 +372,7 @@ class Trainer:
             "eos_id": self.data.eos_id,
             "config": self.config,
             "max_steps": self.schedule.max_steps,
+            "eval_pending": state.eval_pending,
         }
         root = self.run_dir / "checkpoints"
         keep = self.cfg.train.keep_checkpoints
@@ -431,15 +437,39 @@ class Trainer:
         recorder.log(record)
         self.meter.reset()
 
-    def record_step(self, state: TrainState, grad_norm: torch.Tensor, recorder: Recorder) -> None:
-        """What global step ``state.global_step`` logs and evaluates, by ``train.log_every`` and ``eval_every``."""
+    def record_step(
+        self, state: TrainState, grad_norm: torch.Tensor, recorder: Recorder, stop: StopSignal
+    ) -> None:
+        """What global step ``state.global_step`` logs and evaluates, by ``train.log_every`` and ``eval_every``;
+        an evaluation a stop signal cuts short is left pending (``state.eval_pending``)."""
         t, step = self.cfg.train, state.global_step
         if step == 1 or step % t.log_every == 0 or step == self.schedule.max_steps:
             self.log_step(recorder, state, grad_norm)
         if t.eval_every and (step % t.eval_every == 0 or step == self.schedule.max_steps):
-            self.last_eval = self.evaluate()
-            recorder.log({"step": step, **self.last_eval})
-            self.meter.started = time.perf_counter()  # evaluation time is not training throughput
+            self.record_eval(state, recorder, stop)
+
+    def record_eval(self, state: TrainState, recorder: Recorder, stop: StopSignal) -> None:
+        """Evaluate after ``state.global_step`` and record it, or leave it pending when a stop cuts it short."""
+        evaluated = self.evaluate(stop)
+        state.eval_pending = evaluated is None
+        if evaluated is not None:
+            self.last_eval = evaluated
+            recorder.log({"step": state.global_step, **evaluated})
+        self.meter.started = time.perf_counter()  # evaluation time is not training throughput
+
+    def finish_pending_eval(self, state: TrainState, recorder: Recorder, stop: StopSignal) -> bool:
+        """Run the evaluation a stop signal cut short before the checkpoint ``state`` came from was saved;
+        False when a stop cuts it short again (that checkpoint, still pending, stays the one in force)."""
+        if not state.eval_pending:
+            return True
+        self.record_eval(state, recorder, stop)
+        if state.eval_pending:
+            log.info(
+                "ramp | preempted by %s during the evaluation of step %d; exiting (its checkpoint is saved)",
+                stop.describe(),
+                state.global_step,
+            )
+        return not state.eval_pending
 
     def fit(self, state: TrainState, stop: StopSignal, recorder: Recorder) -> Outcome:
         """Train from ``state`` to ``train.max_steps``, or until a preemption signal (then checkpoint);
@@ -460,6 +490,8 @@ class Trainer:
         ledger = Ledger(state.global_step, self.info.device, halt_on_nan=t.on_nan == OnNan.halt)
         attempted = state.global_step  # the global step if every attempt since the last sync applied
         global_batch = self.clock.batch_of(1)  # what the backend was built with
+        if not self.finish_pending_eval(state, recorder, stop):
+            return Outcome.preempted
         while state.global_step < self.end_step:
             if self.clock.batch_of(attempted + 1) != global_batch:  # attempted is exact here (see due)
                 global_batch = self.clock.batch_of(attempted + 1)
@@ -477,8 +509,8 @@ class Trainer:
             self.settle(state, ledger)
             caught_up = state.global_step == attempted  # else a dropped update moved the cadence
             if caught_up:
-                self.record_step(state, grad_norm, recorder)
-            if stopping:
+                self.record_step(state, grad_norm, recorder, stop)
+            if stopping or state.eval_pending:
                 path = self.save(state)
                 log.info(
                     "ramp | preempted by %s: saved %s at step %d; exiting (the same command resumes from it)",

@@ -129,6 +129,9 @@ def train(dcfg: DictConfig, last: bool = True) -> Outcome:
         resume.report_changes(start, changes, schedule, data.train.num_samples)
     else:
         state = trainer.warm_start(weights[1]) if weights else TrainState()
+    stop_listening = (
+        stop.listen_for_ctrl_c()
+    )  # a Ctrl-C from here on saves a checkpoint; before, it just ends
     if info.is_main:  # the start is accepted: only now is the run folder written
         clock = (info.world_size, data.train.num_samples)
         resume.record_start(plan.run_dir, resolved, start, changes, weights, clock)
@@ -141,6 +144,7 @@ def train(dcfg: DictConfig, last: bool = True) -> Outcome:
         outcome = trainer.fit(state, stop, recorder)
     finally:
         recorder.close()
+        stop_listening()
     if outcome == Outcome.finished:
         log.info(done_line(state, trainer.last_eval, time.monotonic() - started, plan.run_dir))
     del trainer  # before the process group goes away (see distributed.teardown)

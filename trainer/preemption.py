@@ -15,13 +15,14 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 from trainer import distributed
 from trainer.distributed import DistInfo
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_REASON = "RAMP_STOP_REASON"
 """Set by ``launch.run``: a file where it writes the signal it received before it asks the trainers to
 stop (with SIGUSR1, which they can ignore until they listen), so they can say what stopped them."""
@@ -29,15 +30,26 @@ PR_SET_PDEATHSIG = 1
 
 
 class StopSignal:
-    """Notes SIGTERM, SIGUSR1 or SIGINT on this rank; :meth:`agreed` tells every rank whether any rank got
-    one. Before it exists a Ctrl-C ends the start-up (``trainer.main`` says so in one line), before anything
-    is written."""
+    """Notes SIGTERM or SIGUSR1 on this rank, and SIGINT once :meth:`listen_for_ctrl_c` is called;
+    :meth:`agreed` tells every rank whether any rank got one. Until then a Ctrl-C ends the start-up
+    (``trainer.main`` says so in one line): nothing is written yet, and a long start-up (tokenizing a
+    corpus, loading a checkpoint) is not waited for."""
 
     def __init__(self, info: DistInfo) -> None:
         self.info = info
         self.received: str | None = None
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
+
+    def listen_for_ctrl_c(self) -> Callable[[], None]:
+        """From now on SIGINT (Ctrl-C) is a stop signal too (call it just before the run folder is written,
+        on the main thread). Returns the function that puts the previous SIGINT handler back."""
+        previous = signal.signal(signal.SIGINT, self._handle)
+
+        def restore() -> None:
+            signal.signal(signal.SIGINT, previous)
+
+        return restore
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name

@@ -174,6 +174,8 @@ class CheckpointMeta:
     """The checkpoint format's version."""
     max_steps: int = 0
     """The run's length in steps when it was saved (0: not recorded, a checkpoint of an older ramp)."""
+    eval_pending: bool = False
+    """A stop signal cut short the evaluation due at ``step``: the resumed run evaluates first."""
 
 
 def read_meta(folder: Path) -> CheckpointMeta:

@@ -287,34 +287,41 @@ def stopped_at(printed: str, reason: str) -> int:
 def test_ctrl_c_to_one_process_saves_and_the_same_command_resumes_bit_identically(
     tmp_path: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """``python -m trainer.main`` and Ctrl-C (SIGINT to the terminal's process group): a checkpoint at
-    the step it reached, exit 0, one line and no traceback; the same command ends as an unbroken run."""
+    """``python -m trainer.main`` and Ctrl-C (SIGINT to the terminal's process group), once while it
+    trains and once during an evaluation (which it does not wait for): a checkpoint at the step reached,
+    exit 0, one line and no traceback; the same command evaluates what was cut short, and the run ends
+    as an unbroken one, every loss, LR and validation loss equal."""
     env = launch_env(cache_dir)
-    cmd = [sys.executable, "-m", "trainer.main", *BASE]
+    cmd = [sys.executable, "-m", "trainer.main", *BASE, "train.eval_steps=300"]  # an evaluation of seconds
     unbroken = tmp_path_factory.mktemp("unbroken")
-    assert (
-        subprocess.run(cmd, cwd=unbroken, env=env, capture_output=True, timeout=240, check=False).returncode
-        == 0
-    )
+    done = subprocess.run(cmd, cwd=unbroken, env=env, capture_output=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
     log = tmp_path / "run.log"
     code, printed = signal_at_step(
         cmd, cwd=tmp_path, env=env, log=log, step=3, send=lambda proc: os.killpg(proc.pid, signal.SIGINT)
     )
     assert code == 0, printed[-3000:]
     step = stopped_at(printed, "SIGINT (Ctrl-C)")
-    after = printed.split("\n")[
-        [i for i, line in enumerate(printed.split("\n")) if line.startswith("step ")][-1] + 1 :
-    ]
+    lines = printed.split("\n")
+    after = lines[[i for i, line in enumerate(lines) if line.startswith("step ")][-1] + 1 :]
     assert [line for line in after if line.strip()] == [
         next(line for line in after if "preempted by" in line)
-    ], after
+    ]
     assert "Traceback" not in printed
     assert "KeyboardInterrupt" not in printed
+    # Step 12 evaluates; its record is written before the evaluation starts.
+    code, printed = signal_at_step(
+        cmd, cwd=tmp_path, env=env, log=log, step=12, send=lambda proc: os.killpg(proc.pid, signal.SIGINT)
+    )
+    assert code == 0, printed[-3000:]
+    assert f"resuming from outputs/run/checkpoints/step_{step}" in printed
+    assert stopped_at(printed, "SIGINT (Ctrl-C)") == 12, "the evaluation was waited for"
+    assert "val_loss" not in printed.split("step 12/")[1]
     again = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming from outputs/run/checkpoints/step_{step}" in again.stdout + again.stderr
+    assert "resuming from outputs/run/checkpoints/step_12" in again.stdout + again.stderr
     assert series(tmp_path / "outputs" / "run") == series(unbroken / "outputs" / "run")
 
 

@@ -13,11 +13,13 @@ and two builders (two nodes on a shared disk, two jobs) cannot corrupt each othe
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -103,6 +105,30 @@ def _train_tokenizer(source: Source, cfg: DataConfig) -> HFTokenizer:
     return tokenizer
 
 
+def _staging_prefix(entry: Path) -> str:
+    return f".{entry.name}-{socket.gethostname()}-"
+
+
+def _remove_abandoned_staging(entry: Path) -> None:
+    """Remove the staging folders of ``entry`` that builds on this host left when killed (Ctrl-C during
+    tokenizing, a SIGKILL): their process is gone. Other hosts' builds, and live ones, are left alone."""
+    prefix = _staging_prefix(entry)
+    for folder in entry.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = folder.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def build(
     source: Source, tokenizer: ByteTokenizer | HFTokenizer | None, cfg: DataConfig, entry: Path
 ) -> TokenFiles:
@@ -117,7 +143,8 @@ def build(
         )
         return found
     entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    _remove_abandoned_staging(entry)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(entry)}{os.getpid()}-", dir=entry.parent))
     try:
         log.info(
             "ramp | data: tokenizing %s with data.tokenizer=%s into %s", source.describe, cfg.tokenizer, entry

@@ -40,6 +40,9 @@ from types import FrameType
 
 import psutil
 
+from trainer.config import check_overrides
+from trainer.errors import ConfigError
+
 DEFAULT_PORT = 29400
 """torchrun's own default c10d port, for multi-node runs outside Slurm."""
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
@@ -358,8 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ)
     try:
+        check_overrides(overrides)  # a mistyped key or preset: one line now, not from every rank later
         plan = make_plan(args, env)
-    except LaunchError as err:
+    except (LaunchError, ConfigError) as err:
         print(f"ramp: error: {err}", file=sys.stderr, flush=True)
         return 2
     env_set = cluster_env(plan, env, args.socket_ifname)

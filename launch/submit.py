@@ -186,6 +186,17 @@ def submit(script: Path) -> str:
     return result.stdout.strip().split(";")[0]  # "<id>" or "<id>;<cluster>"
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
+    return int(text)
+
+
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """The options (``argv`` kept as ``args.argv``), and the Hydra overrides after ``--``."""
     argv = list(argv)
@@ -199,12 +210,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         description="Submit ramp as a Slurm batch job that checkpoints and requeues itself before its "
         "time limit. Hydra overrides follow `--`.",
     )
-    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--nodes", type=positive, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU job")
     parser.add_argument(
-        "--nproc-per-node", type=int, help="processes per node (default: the GPUs per node, or 1 on CPU)"
+        "--nproc-per-node", type=positive, help="processes per node (default: the GPUs per node, or 1 on CPU)"
     )
-    parser.add_argument("--cpus-per-node", type=int, help="CPU cores to allocate on each node")
+    parser.add_argument("--cpus-per-node", type=positive, help="CPU cores to allocate on each node")
     parser.add_argument("--mem", help="memory per node, as sbatch --mem takes it (0: all of it)")
     parser.add_argument("--time", help="time limit, e.g. 24:00:00")
     parser.add_argument("--partition")

@@ -80,7 +80,8 @@ def done_line(state: TrainState, last_eval: dict[str, float] | None, seconds: fl
     validation loss (when the run evaluated), and the run folder."""
     elapsed = datetime.timedelta(seconds=round(seconds))
     val = f" | val_loss {last_eval['val_loss']:.4f}" if last_eval else ""
-    return f"ramp | done: {state.global_step} steps, {state.tokens:,} tokens in {elapsed}{val} | {run_dir}"
+    steps = f"{state.global_step} step{'' if state.global_step == 1 else 's'}"
+    return f"ramp | done: {steps}, {state.tokens:,} tokens in {elapsed}{val} | {run_dir}"
 
 
 def named_folder() -> bool:
@@ -117,7 +118,7 @@ def train(dcfg: DictConfig, last: bool = True) -> Outcome:
     data = build_data(cfg, info)
     schedule = cfg.schedule_for(info.world_size, data.train.num_samples)  # lengths in every unit, in steps
     stop_step = cfg.stop_step(schedule.clock) if schedule.clock else None
-    if start and resume.nothing_to_train(start, schedule.max_steps, stop_step):
+    if start and resume.nothing_to_train(start, schedule.max_steps, stop_step, default_folder):
         distributed.teardown(last)
         return Outcome.finished
     model, weights = build_initial_model(cfg, data, schedule.max_steps, warm=start is None)

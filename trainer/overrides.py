@@ -309,8 +309,8 @@ class ConfigShape:
         for override in parsed:
             if override.is_sweep_override() and not multirun:
                 raise ConfigError(
-                    f"{override.input_line} lists several values: add -m to run one job per value (a sweep), "
-                    f"or write a list in brackets, {override.key_or_group}=[a,b]"
+                    f"{override.input_line} lists several values: add -m to run one job per value (a sweep); "
+                    f"a key that takes a list takes it in brackets, {override.key_or_group}=[a,b]"
                 )
             if override.is_interval_sweep() and not sampler:
                 raise ConfigError(
@@ -389,7 +389,7 @@ class ConfigShape:
                 )
             hint = _did_you_mean(closest(option, presets, cutoff=0.4, n=2))
             raise ConfigError(
-                f"{group}={option} is not a {group} preset; choose one of {listed}"
+                f"{group}={option} is not {'an' if group[0] in 'aeiou' else 'a'} {group} preset; choose one of {listed}"
                 + (f" ({hint})" if hint else "")
             )
 

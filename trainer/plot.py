@@ -249,8 +249,13 @@ def _status(run_dir: Path) -> str:
 
 def sweep_jobs(sweep_dir: Path) -> list[SweepJob]:
     """Every job of a sweep folder (``outputs/<sweep name>``): those its command asks for, and any other
-    run folder in it, each with its records and status."""
-    found = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    run folder in it (not the folders of a run that shares the name: its checkpoints, wandb), each with
+    its records and status."""
+    found = sorted(
+        p.name
+        for p in sweep_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / "config.yaml").exists()  # a run's folder
+    )
     names = _expected_folders(sweep_dir)
     names += [name for name in found if name not in names]
     jobs = []

@@ -394,10 +394,11 @@ def _refuse_another_experiment(start: Start, changes: list[Change], name: str) -
         differ[0],
         f" (and {len(differ) - 1} more key{'s' if len(differ) > 2 else ''})" if differ[1:] else "",
     )
+    resumable = all(change.effect is not OnResume.refused for change in differ)
+    way = f", or pass run.name={name} to resume that run with these changes" if resumable else ""
     raise ConfigError(
         f"run.name: the default run folder {start.path.parent.parent} holds another experiment ({first.key} is "
-        f"{first.old} there, {first.new} here{more}); give this one its own run.name=NAME, or pass "
-        f"run.name={name} to resume that run with these changes"
+        f"{first.old} there, {first.new} here{more}); give this one its own run.name=NAME{way}"
     )
 
 
@@ -482,26 +483,32 @@ def _report_the_curve(start: Start, schedule: Schedule, samples_per_epoch: int |
     )
 
 
-def nothing_to_train(start: Start, max_steps: int, stop_step: int | None = None) -> bool:
+def nothing_to_train(
+    start: Start, max_steps: int, stop_step: int | None = None, default_folder: bool = False
+) -> bool:
     """Whether the checkpoint is already at (or past) ``train.max_steps``, or train.stop_at's step: then
-    nothing is written."""
+    nothing is written. In the ``default_folder``, training further is a changed command, so the advice
+    names the folder too."""
+    named = f" with run.name={start.meta.config.get('run', {}).get('name')}" if default_folder else ""
     if stop_step is not None and stop_step < max_steps and start.meta.step >= stop_step:
         job_log.info(
-            "ramp | %s is at step %d, already past train.stop_at's step %d: nothing to train, nothing written; "
-            "raise or drop train.stop_at to train further",
+            "ramp | %s is at step %d, already at or past train.stop_at's step %d: nothing to train, nothing written; "
+            "raise or drop train.stop_at%s to train further",
             start.path,
             start.meta.step,
             stop_step,
+            named,
         )
         return True
     if start.meta.step < max_steps:
         return False
     job_log.info(
         "ramp | %s already reached train.max_steps=%d (it is at step %d): nothing to train, nothing "
-        "written; raise train.max_steps to train further",
+        "written; raise train.max_steps%s to train further",
         start.path,
         max_steps,
         start.meta.step,
+        named,
     )
     return True
 

@@ -132,7 +132,7 @@ def test_stop_at_then_the_same_command_continues_exactly(tmp_path: Path, cache_d
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_5"
     assert [r["step"] for r in read_metrics(run_dir)[0]] == [1, 3]
     again = ok(run_ramp([*run, "train.stop_at=5"], cwd=tmp_path, cache_dir=cache_dir))
-    assert "already past train.stop_at" in again.stdout + again.stderr
+    assert "already at or past train.stop_at" in again.stdout + again.stderr
     ok(run_ramp(run, cwd=tmp_path, cache_dir=cache_dir))
     assert series(run_dir) == series(tmp_path / "unbroken" / "outputs" / "run")
 

@@ -34,9 +34,17 @@ def test_a_different_command_never_trains_in_another_experiments_default_folder(
     assert "Traceback" not in other.stdout + other.stderr
     assert snapshot(folder) == before, "a refused start must not touch the folder"
 
+    # A change no resume can make (the seed): naming the folder would not help, so it is not offered.
+    seeded = run_ramp([*FIRST, "train.seed=7"], cwd=tmp_path, cache_dir=cache_dir, nproc=0)
+    assert seeded.returncode == 2
+    assert seeded.stderr.strip().endswith(
+        "(train.seed is 1337 there, 7 here); give this one its own run.name=NAME"
+    )
+
     same = run_ramp(FIRST, cwd=tmp_path, cache_dir=cache_dir, nproc=0)  # the same command: its own folder
     assert same.returncode == 0
     assert "already reached train.max_steps=2" in same.stdout + same.stderr
+    assert "raise train.max_steps with run.name=gpt2-tiny to train further" in same.stdout + same.stderr
     assert snapshot(folder) == before
 
     named = run_ramp(

@@ -103,8 +103,8 @@ MISTAKES = [
     ),
     (
         ["optim.lr=1e-3,2e-3"],
-        "optim.lr=1e-3,2e-3 lists several values: add -m to run one job per value (a sweep), or write a list "
-        "in brackets, optim.lr=[a,b]",
+        "optim.lr=1e-3,2e-3 lists several values: add -m to run one job per value (a sweep); a key that takes "
+        "a list takes it in brackets, optim.lr=[a,b]",
     ),
 ]
 

@@ -96,13 +96,13 @@ def test_launcher_reads_a_slurm_allocation(tmp_path: Path) -> None:
 
 def test_launcher_options_win_over_slurm_and_one_node_runs_standalone(tmp_path: Path) -> None:
     env = clean_env(SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="cpu1")
-    one = python_m("launch.run", ["--dry-run", "--nproc-per-node", "3", "x=1"], env, tmp_path)
+    one = python_m("launch.run", ["--dry-run", "--nproc-per-node", "3", "train.seed=1"], env, tmp_path)
     assert one.returncode == 0, one.stderr
     assert "standalone" in one.stdout.splitlines()[0]
     assert "--standalone" in one.stdout
     assert "--rdzv-endpoint" not in one.stdout
     assert "--nproc-per-node=3" in one.stdout
-    assert one.stdout.rstrip().endswith("-m trainer.main x=1")
+    assert one.stdout.rstrip().endswith("-m trainer.main train.seed=1")
     # An srun step on two of a job's four nodes meets on the step's nodes.
     step = clean_env(
         SLURM_JOB_ID="8",
@@ -307,3 +307,12 @@ def test_compose_file_builds_this_image_and_mounts_its_workdir() -> None:
     assert [volume.split(":")[1] for volume in service["volumes"]] == [workdir.group(1)]
     assert service["init"] is True  # a PID 1 that passes docker stop's SIGTERM on and reaps processes
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_the_launcher_checks_the_overrides_before_it_starts_anything(tmp_path: Path) -> None:
+    result = python_m("launch.run", ["--dry-run", "--", "train.max_step=3"], clean_env(), tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "ramp: error: train.max_step is not a key of train; did you mean train.max_steps?"
+    ]
+    assert result.stdout == ""

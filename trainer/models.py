@@ -24,8 +24,37 @@ def padded_vocab_size(tokenizer_vocab: int) -> int:
     return math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+RAMP_SET = {
+    "vocab_size": "model.vocab_size (or the tokenizer)",
+    "hidden_size": "model.hidden_size",
+    "num_hidden_layers": "model.num_layers",
+    "num_attention_heads": "model.num_heads",
+    "max_position_embeddings": "model.max_position_embeddings",
+    "tie_word_embeddings": "model.tie_word_embeddings",
+    "bos_token_id": "the tokenizer's end-of-document token",
+    "eos_token_id": "the tokenizer's end-of-document token",
+    "n_inner": "model.intermediate_size",
+    "intermediate_size": "model.intermediate_size",
+    "num_key_value_heads": "model.num_kv_heads",
+    "rope_theta": "model.rope_theta",
+    "resid_pdrop": "model.dropout",
+    "embd_pdrop": "model.dropout",
+    "attn_pdrop": "model.dropout",
+    "attention_dropout": "model.dropout",
+}
+"""The transformers config keys ramp sets from its own keys, and those keys."""
+ALIASES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"}
+ALIASES["n_positions"] = "max_position_embeddings"
+"""GPT-2's names (its attribute_map) for the keys ramp sets."""
+
+
 def hf_config_kwargs(cfg: ModelConfig, vocab_size: int, eos_id: int) -> dict[str, Any]:
-    """Generic preset keys to the transformers config's own names (gpt2 maps them through attribute_map)."""
+    """Generic preset keys to the transformers config's own names (gpt2 maps them through attribute_map).
+
+    Raises:
+        ConfigError: a ``model.extra`` entry sets a key that ramp sets from one of its own keys (the
+            record would say one value while the model has another), naming that key.
+    """
     kwargs: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -48,6 +77,13 @@ def hf_config_kwargs(cfg: ModelConfig, vocab_size: int, eos_id: int) -> dict[str
         if cfg.rope_theta is not None:
             kwargs["rope_theta"] = cfg.rope_theta
         kwargs["attention_dropout"] = cfg.dropout
+    for key in cfg.extra:
+        canonical = ALIASES.get(key, key)
+        if canonical in kwargs and canonical in RAMP_SET:
+            raise ConfigError(
+                f"model.extra.{key} is set by ramp from {RAMP_SET[canonical]}; remove model.extra.{key} and set "
+                f"{RAMP_SET[canonical]} instead"
+            )
     kwargs.update(cfg.extra)
     return kwargs
 
@@ -58,7 +94,8 @@ def build_model(
     """A randomly initialised model; the caller seeds torch first so every rank builds the same one.
 
     Raises:
-        ConfigError: ``model.vocab_size`` below the tokenizer's, or a ``model.arch`` transformers lacks.
+        ConfigError: ``model.vocab_size`` below the tokenizer's, a ``model.arch`` transformers lacks, or a
+            ``model.extra`` entry that ramp's own keys set.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -68,8 +105,9 @@ def build_model(
             f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens; "
             "remove model.vocab_size to follow the tokenizer"
         )
+    kwargs = hf_config_kwargs(cfg, vocab_size, eos_id)
     try:
-        hf_config = AutoConfig.for_model(cfg.arch, **hf_config_kwargs(cfg, vocab_size, eos_id))
+        hf_config = AutoConfig.for_model(cfg.arch, **kwargs)
     except ValueError as err:
         raise ConfigError(f"model.arch={cfg.arch}: {str(err).splitlines()[0]}") from None
     hf_config._attn_implementation = "sdpa"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config, compose
+from trainer.errors import ConfigError
 from trainer.models import build_model, causal_lm_loss, count_parameters, padded_vocab_size, param_groups
 
 
@@ -103,3 +105,30 @@ def test_optim_groups_take_parameters_by_pattern_and_dimension(built: tuple[Conf
     assert "no_decay" not in groups
     assert [groups[n]["weight_decay"] for n in ("decay", "embed", "vectors")] == [0.1, 0.0, 0.1]
     assert optim.lr_mults() == {"decay": 1.0, "no_decay": 1.0, "embed": 0.1, "vectors": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["+model.extra.hidden_size=100"],
+            "model.extra.hidden_size is set by ramp from model.hidden_size; remove model.extra.hidden_size and set "
+            "model.hidden_size instead",
+        ),
+        (["+model.extra.n_layer=2"], "model.extra.n_layer is set by ramp from model.num_layers"),
+        (
+            ["model=llama-tiny", "+model.extra.rope_theta=1e4"],
+            "model.extra.rope_theta is set by ramp from model.rope_theta",
+        ),
+    ],
+)
+def test_model_extra_cannot_set_what_ramps_keys_set(overrides: list[str], message: str) -> None:
+    """The record would say one value and the model have another."""
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        build_model(compose(overrides).model, tokenizer_vocab=257, eos_id=256)
+    assert (
+        build_model(
+            compose(["+model.extra.n_inner=64"]).model, tokenizer_vocab=257, eos_id=256
+        ).config.n_inner
+        == 64
+    )

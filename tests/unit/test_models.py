@@ -126,9 +126,5 @@ def test_model_extra_cannot_set_what_ramps_keys_set(overrides: list[str], messag
     """The record would say one value and the model have another."""
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
         build_model(compose(overrides).model, tokenizer_vocab=257, eos_id=256)
-    assert (
-        build_model(
-            compose(["+model.extra.n_inner=64"]).model, tokenizer_vocab=257, eos_id=256
-        ).config.n_inner
-        == 64
-    )
+    model: Any = build_model(compose(["+model.extra.n_inner=64"]).model, tokenizer_vocab=257, eos_id=256)
+    assert model.config.n_inner == 64  # a key ramp does not set goes through

@@ -334,7 +334,8 @@ class ModelConfig:
     rope_theta: float | None = setting(None, on_resume=OnResume.refused)
     """RoPE base (llama); default: the architecture's own."""
     extra: dict[str, Any] = setting(factory=dict, on_resume=OnResume.refused)
-    """Further keyword arguments for the transformers config, passed as they are."""
+    """Further keyword arguments for the transformers config, passed as they are; a key ramp sets from its
+    own keys (n_embd, hidden_size, ...) is refused: set the ramp key."""
 
     def check(self) -> None:
         """Raises ConfigError: a size below 1, heads that do not divide the width, a bad dropout."""

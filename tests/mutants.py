@@ -128,8 +128,8 @@ MUTANTS = [
     Mutant(
         "one step past train.max_steps",
         "trainer/loop.py",
-        "while state.global_step < self.schedule.max_steps:",
-        "while state.global_step <= self.schedule.max_steps:",
+        "while state.global_step < self.end_step:",
+        "while state.global_step <= self.end_step:",
         (f"{UNIT}/test_loop.py",),
     ),
     Mutant(

@@ -457,6 +457,16 @@ class Trainer:
             recorder.log({"step": state.global_step, **evaluated})
         self.meter.started = time.perf_counter()  # evaluation time is not training throughput
 
+    def preempted(self, stop: StopSignal, path: Path, step: int) -> Outcome:
+        """Say what stopped the run and where its checkpoint is (rank 0)."""
+        log.info(
+            "ramp | preempted by %s: saved %s at step %d; exiting (the same command resumes from it)",
+            stop.describe(),
+            path,
+            step,
+        )
+        return Outcome.preempted
+
     def finish_pending_eval(self, state: TrainState, recorder: Recorder, stop: StopSignal) -> bool:
         """Run the evaluation a stop signal cut short before the checkpoint ``state`` came from was saved;
         False when a stop cuts it short again (that checkpoint, still pending, stays the one in force)."""
@@ -511,17 +521,12 @@ class Trainer:
             if caught_up:
                 self.record_step(state, grad_norm, recorder, stop)
             if stopping or state.eval_pending:
-                path = self.save(state)
-                log.info(
-                    "ramp | preempted by %s: saved %s at step %d; exiting (the same command resumes from it)",
-                    stop.describe(),
-                    path,
-                    state.global_step,
-                )
-                return Outcome.preempted
+                return self.preempted(stop, self.save(state), state.global_step)
             attempted = state.global_step
             if caught_up and ((t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == self.end_step):
-                self.save(state)
+                path = self.save(state)
+                if attempted < self.end_step and stop.agreed():  # a signal during that save: it is the one
+                    return self.preempted(stop, path, attempted)
         if self.end_step < self.schedule.max_steps:
             log.info(
                 "ramp | stopped at train.stop_at=%s: step %d of the schedule's %d, checkpoint saved; the same "

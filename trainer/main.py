@@ -20,6 +20,16 @@ INTERRUPTED = 130
 """The exit code of a start-up ended by Ctrl-C (128 + SIGINT, as a shell reports it)."""
 
 
+def _stopped_waiting(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C while a launcher (``hydra/launcher=ramp_slurm``) waits for the sweep's jobs."""
+    print(
+        "ramp | stopped waiting for the sweep's jobs, which go on; the same command resumes the sweep",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
+
+
 def _interrupted_during_start_up(signum: int, frame: FrameType | None) -> None:
     """Ctrl-C before the run listens for it (:class:`trainer.preemption.StopSignal`): nothing is written yet
     (a token cache entry being built is renamed into place only when whole), so leave at once, in one line."""
@@ -207,6 +217,11 @@ def main() -> None:
         sweep.check_command(sys.argv)
     except ConfigError as err:
         _exit(err.exit_code, str(err))
+    launchers = [
+        arg for arg in sys.argv[1:] if arg.startswith("hydra/launcher=") and not arg.endswith("=basic")
+    ]
+    if launchers:  # the jobs run elsewhere (Slurm); this process submits them and waits
+        signal.signal(signal.SIGINT, _stopped_waiting)
     hydra_dir = sweep.hydra_sweep_dir_override(distributed.env_rank())
     if hydra_dir:
         sys.argv.append(hydra_dir)

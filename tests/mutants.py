@@ -405,6 +405,36 @@ MUTANTS = [
             f"{E2E}/test_launch.py::test_ctrl_c_to_one_process_saves_and_the_same_command_resumes_bit_identically",
         ),
     ),
+    Mutant(
+        "a mistyped key passes the command-line check (Hydra's raw error instead)",
+        "trainer/overrides.py",
+        "                self._check_key(override, chosen)",
+        "                pass",
+        (f"{UNIT}/test_overrides.py",),
+    ),
+    Mutant(
+        "launch.submit queues a job whose time limit leaves no room for the checkpoint",
+        "launch/submit.py",
+        "    if limit is not None and limit <= grace + 60:",
+        "    if limit is not None and limit <= grace:",
+        (f"{UNIT}/launch/test_files.py",),
+    ),
+    Mutant(
+        "model.extra overrides what ramp's keys set, behind config.yaml's back",
+        "trainer/models.py",
+        "        if canonical in kwargs and canonical in RAMP_SET:",
+        "        if False:",
+        (f"{UNIT}/test_models.py",),
+    ),
+    Mutant(
+        "a Slurm sweep point is requeued before its trainers have saved",
+        "trainer/slurm_sweep.py",
+        "        signal.signal(signal.SIGUSR1, self._note)\n",
+        "",
+        (
+            f"{E2E}/test_slurm_sweep.py::test_a_point_signalled_before_its_time_limit_saves_requeues_and_resumes_exactly",
+        ),
+    ),
 ]
 
 

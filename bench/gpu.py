@@ -224,7 +224,11 @@ def status_text(record: dict[str, Any]) -> str:
     if record["status"] == "skipped":
         return f"skipped: {record.get('reason')}"
     if record["status"] == "failed":
-        lines = str(record.get("error") or "").strip().splitlines()
+        lines = [
+            line
+            for line in str(record.get("error") or "").strip().splitlines()
+            if line.strip() and "HYDRA_FULL_ERROR" not in line
+        ]
         return f"failed: {lines[-1] if lines else 'no error text'}"
     return "ok"
 

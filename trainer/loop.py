@@ -235,7 +235,10 @@ class Trainer:
             self.schedule.max_steps, self.cfg.stop_step(self.clock) or self.schedule.max_steps
         )
         lrs = [self.schedule.lr(max(step, 1)) for step in range(self.schedule.max_steps + 1)]
-        self.lr_table = torch.tensor(lrs, dtype=torch.float64, device=self.info.device)
+        # CUDA's fused AdamW takes a tensor LR only in float32 (and computes in float32 anyway); the
+        # CPU's takes float64, which keeps the schedule's exact values there.
+        lr_dtype = torch.float32 if self.info.device.type == "cuda" else torch.float64
+        self.lr_table = torch.tensor(lrs, dtype=lr_dtype, device=self.info.device)
         self.lr_mults = self.cfg.optim.lr_mults()
 
     def announce(self) -> None:

@@ -6,8 +6,12 @@ Every test needs CUDA and is skipped without it; ``bench/gpu.sh`` runs them on t
 
 from __future__ import annotations
 
+import json
 import math
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from trainer.backends import to_device
 from trainer.config import compose
 from trainer.models import build_model, build_optimizer, causal_lm_loss
 from trainer.observe import flops
+from trainer.schedules import build_schedule
 
 pytestmark = [
     pytest.mark.cuda,
@@ -123,3 +128,29 @@ def test_compiled_forward_equals_eager_within_bf16_tolerance() -> None:
         fast = compiled(input_ids=inputs).logits.float()
     # Fused kernels round differently; bf16 against fp32 moves these logits by about 0.01 on the CPU.
     torch.testing.assert_close(fast, eager, atol=5e-2, rtol=5e-2)
+
+
+def test_a_real_run_trains_on_cuda_with_fused_adamw_at_the_schedule_lrs(tmp_path: Path) -> None:
+    """``python -m trainer.main`` on the GPU: bf16, fused AdamW with the LR written on the device at
+    every step; the recorded LRs equal the schedule's (in float32, what the fused kernel uses)."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.main",
+        "model=gpt2-tiny",
+        "train.max_steps=6",
+        "train.micro_batch_size=2",
+    ]
+    cmd += ["train.seq_len=64", "train.precision=bf16", "train.log_every=1", "train.eval_every=0"]
+    cmd += ["schedule.warmup_steps=2", "logger.wandb.mode=disabled", f"run.dir={run_dir}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if "loss" in row and "lr" in row]
+    assert [row["step"] for row in train] == [1, 2, 3, 4, 5, 6]
+    cfg = compose(["train.max_steps=6", "schedule.warmup_steps=2"])
+    schedule = build_schedule(cfg.schedule, max_steps=6, peak_lr=cfg.optim.lr)
+    for row in train:
+        assert math.isfinite(row["loss"])
+        assert row["lr"] == pytest.approx(schedule.lr(row["step"]), rel=1e-6)

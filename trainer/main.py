@@ -22,8 +22,12 @@ INTERRUPTED = 130
 
 def _stopped_waiting(signum: int, frame: FrameType | None) -> None:
     """Ctrl-C while a launcher (``hydra/launcher=ramp_slurm``) waits for the sweep's jobs."""
+    from trainer.slurm_sweep import SUBMITTED
+
+    jobs = f" ({', '.join(SUBMITTED)}; scancel stops them)" if SUBMITTED else ""
     print(
-        "ramp | stopped waiting for the sweep's jobs, which go on; the same command resumes the sweep",
+        f"ramp | stopped waiting for the sweep's jobs, which go on{jobs}; once they have ended, the same command "
+        "resumes the sweep",
         file=sys.stderr,
     )
     sys.stderr.flush()
@@ -215,6 +219,7 @@ def main() -> None:
     try:
         check_command(sys.argv)  # a mistyped key, preset or value: one line, before Hydra composes
         sweep.check_command(sys.argv)
+        slurm_sweep.check_command(sweep.command_overrides(sys.argv))
     except ConfigError as err:
         _exit(err.exit_code, str(err))
     launchers = [
@@ -222,6 +227,10 @@ def main() -> None:
     ]
     if launchers:  # the jobs run elsewhere (Slurm); this process submits them and waits
         signal.signal(signal.SIGINT, _stopped_waiting)
+    if launchers and launchers[-1] == f"hydra/launcher={slurm_sweep.LAUNCHER}":
+        from trainer import slurm_launcher
+
+        slurm_launcher.install()
     hydra_dir = sweep.hydra_sweep_dir_override(distributed.env_rank())
     if hydra_dir:
         sys.argv.append(hydra_dir)

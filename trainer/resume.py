@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 import yaml
 
-from trainer import checkpoint, distributed
+from trainer import checkpoint, distributed, sweep
 from trainer.config import Config, OptimConfig, ResumeMode, from_tree, resume_facts
 from trainer.distributed import DistInfo
 from trainer.errors import ConfigError
@@ -84,7 +84,8 @@ def plan(cfg: Config) -> RunPlan:
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir={run_dir} exists and is not a folder; set run.dir to a folder path")
-    occupied = run_dir.is_dir() and any(run_dir.iterdir())
+    # A one-point sweep's run folder is its sweep's folder, which holds Hydra's own (sweep.HYDRA_DIR).
+    occupied = run_dir.is_dir() and any(p.name != sweep.HYDRA_DIR for p in run_dir.iterdir())
     _require_outside(run_dir, cfg)
     if cfg.run.resume not in (ResumeMode.auto.value, ResumeMode.never.value):
         candidates = _resume_path(Path(cfg.run.resume))

@@ -29,6 +29,8 @@ node's ranks, per-rank logs, signals) and waits for it:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import re
 import signal
@@ -40,6 +42,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import yaml
+
 from trainer import sweep
 from trainer.errors import ConfigError
 
@@ -47,10 +51,110 @@ NPROC = "RAMP_NPROC_PER_NODE"
 """Processes (ranks) per node of each sweep job; unset: every GPU of the node, else 1."""
 TERM_WAIT_S = 300
 """After a SIGTERM has stopped the launcher: how long the job waits for Slurm's SIGUSR1 or its end."""
+LAUNCHER = "ramp_slurm"
+"""The ``hydra/launcher`` option of a Slurm sweep (``conf/hydra/launcher/ramp_slurm.yaml``)."""
+FREE_KEYS = ("additional_parameters", "setup")
+"""``hydra.launcher`` keys that take entries of their own (sbatch options; shell lines before srun)."""
+SUBMITTED: list[str] = []
+"""The Slurm job ids of this process's sweep, once submitted (:mod:`trainer.slurm_launcher`), for messages."""
 
 
 class PointFailed(RuntimeError):
     """A sweep point's launcher exited with an error status; the message names the point and its log."""
+
+
+def _launcher_schema() -> tuple[Any, dict[str, str], dict[str, Any]]:
+    """The submitit launcher's config (its OmegaConf schema and each key's type, as text) and
+    ``ramp_slurm.yaml``'s own settings.
+
+    Raises:
+        ConfigError: hydra-submitit-launcher is not installed.
+    """
+    from omegaconf import OmegaConf
+
+    try:
+        from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+    except ImportError as err:
+        raise ConfigError(
+            f"hydra/launcher={LAUNCHER} needs hydra-submitit-launcher, which is not installed; install ramp's "
+            "slurm extra: pip install -e '.[slurm]' (make venv installs it)"
+        ) from err
+    yaml_file = Path(__file__).resolve().parents[1] / "conf" / "hydra" / "launcher" / f"{LAUNCHER}.yaml"
+    ours = yaml.safe_load(yaml_file.read_text())
+    types = {
+        f.name: getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
+        for f in dataclasses.fields(SlurmQueueConf)
+    }
+    return OmegaConf.structured(SlurmQueueConf), types, ours
+
+
+def check_command(overrides: list[Any]) -> None:
+    """For ``hydra/launcher=ramp_slurm``, before Hydra writes or submits anything: every
+    ``hydra.launcher.*`` key is one the launcher has and its value has the key's type, and each job's time
+    limit leaves room for the save before it (as ``launch.submit`` checks ``--time`` against ``--grace``).
+
+    Args:
+        overrides: the command line's overrides, parsed (:func:`trainer.sweep.command_overrides`).
+
+    Raises:
+        ConfigError: an unknown key (with the closest one), a value of the wrong type, a sweep over a
+            launcher key, or ``timeout_min`` minutes not above ``signal_delay_s`` plus a minute.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    chosen = [o.value() for o in overrides if o.key_or_group == "hydra/launcher"]
+    if not chosen or chosen[-1] != LAUNCHER:
+        return
+    schema, types, ours = _launcher_schema()
+    keys = sorted(k for k in schema if not str(k).startswith("_"))
+    given: dict[str, str] = {}
+    for override in overrides:
+        key = str(override.key_or_group)
+        if not key.startswith("hydra.launcher."):
+            continue
+        name = key.removeprefix("hydra.launcher.")
+        if name.split(".")[0] not in keys:
+            close = difflib.get_close_matches(name, keys, n=1)
+            hint = f"did you mean hydra.launcher.{close[0]}? " if close else ""
+            raise ConfigError(
+                f"{key} is not a key of hydra/launcher={LAUNCHER}; {hint}its keys: {', '.join(keys)} (sbatch "
+                "options it lacks go in +hydra.launcher.additional_parameters.<option>=<value>)"
+            )
+        if override.is_sweep_override():
+            raise ConfigError(f"{key} is swept; a sweep's points share one launcher: give {key} one value")
+        if name.split(".")[0] in FREE_KEYS:
+            option = name.partition(".")[2]
+            if option and option not in ours.get("additional_parameters", {}) and not override.is_add():
+                raise ConfigError(
+                    f"{key} is an sbatch option the launcher does not set yet: add it with a +, "
+                    f"+{key}={override.get_value_element_as_str()}"
+                )
+            continue
+        value = override.get_value_element_as_str()
+        try:
+            OmegaConf.merge(schema, {name: value})
+        except OmegaConfBaseException:
+            raise ConfigError(f"{key}={value} is not of the type {key} takes: {types[name]}") from None
+        given[name] = value
+    _check_time_limit(given, ours)
+
+
+def _check_time_limit(given: dict[str, str], ours: dict[str, Any]) -> None:
+    """Raises ConfigError: ``timeout_min`` not above ``signal_delay_s`` plus a minute, or either below 1."""
+    timeout = int(given.get("timeout_min", ours["timeout_min"]))
+    delay = int(given.get("signal_delay_s", ours["signal_delay_s"]))
+    if timeout < 1 or delay < 1:
+        raise ConfigError(
+            f"hydra.launcher.timeout_min={timeout} and hydra.launcher.signal_delay_s={delay} must both be at least 1"
+        )
+    if timeout * 60 <= delay + 60:
+        raise ConfigError(
+            f"hydra.launcher.timeout_min={timeout} ({timeout * 60} s) is not above hydra.launcher.signal_delay_s="
+            f"{delay} s plus a minute: Slurm would signal each job to save as soon as it starts, and it would "
+            f"requeue one step at a time; give a timeout_min of at least {(delay + 60) // 60 + 1} (well above it: each "
+            "requeue waits for Slurm) or a shorter signal_delay_s"
+        )
 
 
 def in_job() -> bool:

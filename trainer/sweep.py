@@ -52,11 +52,16 @@ class Job:
         return f"sweep job {self.number + 1} of {self.total} ({', '.join(self.swept) or 'no swept key'})"
 
 
+HYDRA_DIR = ".hydra"
+"""Hydra's folder inside a sweep's folder (``multirun.yaml``, and submitit's job files on Slurm); a
+one-point sweep's run folder is the sweep's folder, so this one is no part of the run (:func:`trainer.resume.plan`)."""
+
 SUBMITIT_EXECUTOR = "SUBMITIT_EXECUTOR"
 """Set in every job that Hydra's submitit launcher runs (``slurm`` on a Slurm node): see :mod:`trainer.slurm_sweep`."""
 
 
-def _command_overrides(argv: list[str]) -> list[Any]:
+def command_overrides(argv: list[str]) -> list[Any]:
+    """The command line's overrides, parsed by Hydra's parser (``-m`` sweeps included)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     given = [arg for arg in argv[1:] if "=" in arg and not arg.startswith("-")]
@@ -85,7 +90,7 @@ def current_job(argv: list[str]) -> Job | None:
     if os.environ.get(SUBMITIT_EXECUTOR):
         command = _saved_overrides(Path(str(hydra_cfg.sweep.dir)))
     else:
-        command = _command_overrides(argv)
+        command = command_overrides(argv)
     sweeps = [o for o in command if o.is_sweep_override()]
     keys = {o.key_or_group for o in sweeps}
     task = tuple(str(o) for o in hydra_cfg.overrides.task)
@@ -95,16 +100,24 @@ def current_job(argv: list[str]) -> Job | None:
 
 
 def check_command(argv: list[str]) -> None:
-    """Before Hydra writes anything: refuse a sweep whose jobs would share one ``run.dir``, and submitit's
-    bare Slurm launcher.
+    """Before Hydra writes anything: refuse a sweep whose jobs would share one ``run.dir``, submitit's
+    bare Slurm launcher, and a launcher without ``-m``.
 
     Raises:
         ConfigError: a fixed ``run.dir`` (no swept key interpolated in it) given to a sweep of 2 or more jobs;
-            ``hydra/launcher=submitit_slurm`` (its jobs get SIGUSR2, which ends ramp's launcher unsaved).
+            ``hydra/launcher=submitit_slurm`` (its jobs get SIGUSR2, which ends ramp's launcher unsaved); a
+            ``hydra/launcher`` other than ``basic`` without ``-m`` (Hydra would ignore it and train here).
     """
     if not any(arg in ("-m", "--multirun") for arg in argv[1:]):
+        launchers = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("hydra/launcher=")]
+        if launchers and launchers[-1] != "basic":
+            raise ConfigError(
+                f"hydra/launcher={launchers[-1]} runs only a sweep, and this command has no -m: it would train "
+                "here, in this process; add -m (a sweep of one point is fine), or submit one run with "
+                "python -m launch.submit"
+            )
         return
-    overrides = _command_overrides(argv)
+    overrides = command_overrides(argv)
     for override in overrides:
         if override.key_or_group == "hydra/launcher" and override.value() == "submitit_slurm":
             raise ConfigError(

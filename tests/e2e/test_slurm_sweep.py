@@ -44,6 +44,9 @@ LONGER = [  # long enough to be signalled mid-run
 ]
 
 
+SWEEP = (sys.executable, "-m", "trainer.main", "-m", "hydra/launcher=ramp_slurm")
+
+
 def records(run_dir: Path) -> list[tuple[Any, ...]]:
     train, evals = read_metrics(run_dir)
     return [(r["step"], r["lr"], r["loss"]) for r in train] + [(e["step"], e["val_loss"]) for e in evals]
@@ -63,7 +66,7 @@ def sweep(
     """``python -m trainer.main -m hydra/launcher=ramp_slurm ...`` running (it waits for every job); on the
     way out it is stopped and the sweep's jobs cancelled."""
     cpus = min(2, len(os.sched_getaffinity(0)))  # a whole node per job: the points run one after another
-    cmd = [sys.executable, "-m", "trainer.main", "-m", "hydra/launcher=ramp_slurm"]
+    cmd = list(SWEEP)
     cmd += [f"hydra.launcher.cpus_per_task={cpus}", "hydra.launcher.timeout_min=10", f"run.name={name}"]
     with open(cwd / "sweep.log", "ab") as log:
         proc = subprocess.Popen(
@@ -103,9 +106,16 @@ def test_a_slurm_sweep_runs_each_point_as_a_job_on_2_ranks_like_a_direct_run(
         code = proc.wait(timeout=300)
     logs, submitted = job_logs(tmp_path, "sw"), (tmp_path / "sweep.log").read_text()
     assert code == 1, submitted[-3000:] + logs[-3000:]
+    # Every point in one line once all have ended, then the sweep: no traceback, no sacct warning per poll.
     assert (
-        "sweep job 3 of 3 (optim.lr=-1): ramp's launcher exited with status 2; its output is in " in submitted
-    )
+        "ramp: error: sweep job 3 of 3 (optim.lr=-1): ramp's launcher exited with status 2; its output is in "
+        in submitted
+    ), submitted[-3000:]
+    assert "ramp | sweep job 1 of 3 (optim.lr=0.001): finished (Slurm job " in submitted
+    assert "ramp | sweep job 2 of 3 (optim.lr=0.002): finished (Slurm job " in submitted
+    assert "ramp | sweep sw: 2 of 3 point(s) finished" in submitted
+    assert "Traceback" not in submitted
+    assert submitted.count("sacct") <= 1
     assert logs.count("ramp: error: optim.lr=-1.0 must be > 0") == 1
     assert logs.count("launch | node 0 of 1 on ") == 3
     assert logs.count("2 processes per node") == 3
@@ -138,8 +148,8 @@ def test_a_point_signalled_before_its_time_limit_saves_requeues_and_resumes_exac
     tmp_path: Path, cache_dir: Path, slurm: dict[str, str]
 ) -> None:
     env = sweep_env(cache_dir, slurm)
-    run_dir = tmp_path / "outputs" / "pre" / "optim.lr=0.001"
-    with sweep(tmp_path, env, "pre", [*LONGER, "optim.lr=choice(1e-3)"]) as proc:
+    run_dir = tmp_path / "outputs" / "pre"  # a sweep of one point: its run folder is the sweep's folder
+    with sweep(tmp_path, env, "pre", [*LONGER, "optim.lr=1e-3"]) as proc:
         deadline = time.monotonic() + 180
         while train_steps(run_dir) < 3:
             assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
@@ -154,6 +164,22 @@ def test_a_point_signalled_before_its_time_limit_saves_requeues_and_resumes_exac
             check=True,
         ).stdout.split()
         assert len(running) == 1, running
+        # The same sweep again while its job runs would train the same folder twice: refused, nothing submitted.
+        again = subprocess.run(
+            [*SWEEP, "hydra.launcher.timeout_min=10", "run.name=pre", *LONGER, "optim.lr=1e-3"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert again.returncode == 1, again.stderr[-3000:]
+        assert again.stderr.strip().splitlines()[-1] == (
+            f"ramp: error: 1 Slurm job(s) of sweep pre are still queued or running ({running[0]}), and would "
+            "train the same run folders; wait for them to end or cancel them (scancel --name=pre), then run "
+            "this command again: it resumes the sweep"
+        )
         # What --signal=USR1@<signal_delay_s> does before the time limit: SIGUSR1 to every process of the job.
         subprocess.run(["scancel", "--signal=USR1", running[0]], env=env, timeout=60, check=True)
         code = proc.wait(timeout=240)
@@ -165,7 +191,7 @@ def test_a_point_signalled_before_its_time_limit_saves_requeues_and_resumes_exac
     assert 3 <= int(step) < 24
     assert logs.index(f"at step {step}; exiting") < logs.index("Calling checkpoint method.")  # saved first
     assert f"Requeued job {running[0]}" in logs
-    assert f"resuming from outputs/pre/optim.lr=0.001/checkpoints/step_{step} at step {step}" in logs
+    assert f"resuming from outputs/pre/checkpoints/step_{step} at step {step}" in logs
     assert "ramp | done: 24 steps" in logs
     train, _ = read_metrics(run_dir)
     assert [r["step"] for r in train] == list(range(1, 25))  # each step exactly once

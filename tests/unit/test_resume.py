@@ -316,7 +316,10 @@ def test_a_fresh_folder_starts_fresh_and_an_occupied_one_resumes_or_is_refused(
     tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
 ) -> None:
     assert _plan(tmp_path) == resume.RunPlan(tmp_path / "run")
-    (tmp_path / "run").mkdir()
+    # A one-point sweep's run folder is its sweep's folder: Hydra's .hydra in it is no run.
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "multirun.yaml").write_text("hydra: {}\n")
+    assert _plan(tmp_path) == resume.RunPlan(tmp_path / "run")
     (tmp_path / "run" / "metrics.jsonl").write_text("")
     with pytest.raises(ConfigError, match="another run with no checkpoint to resume from"):
         _plan(tmp_path)

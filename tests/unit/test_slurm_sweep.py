@@ -12,7 +12,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from trainer import sweep
+from trainer import slurm_sweep, sweep
 from trainer.config import conf_dir, register_configs
 from trainer.errors import ConfigError
 from trainer.slurm_sweep import launch_command, nproc_per_node, quote
@@ -82,3 +82,59 @@ def test_submitits_bare_slurm_launcher_is_refused_before_anything_is_submitted()
     with pytest.raises(ConfigError, match="use hydra/launcher=ramp_slurm"):
         sweep.check_command(["main", "-m", "hydra/launcher=submitit_slurm", "optim.lr=1e-3,2e-3"])
     sweep.check_command(["main", "-m", "hydra/launcher=ramp_slurm", "optim.lr=1e-3,2e-3"])
+
+
+def launcher_check(*args: str) -> None:
+    """The checks ``trainer.main`` runs before Hydra: the sweep's, then the Slurm launcher's."""
+    argv = ["main", *args]
+    sweep.check_command(argv)
+    slurm_sweep.check_command(sweep.command_overrides(argv))
+
+
+def test_a_launcher_without_m_is_refused_rather_than_training_here() -> None:
+    with pytest.raises(ConfigError, match=r"hydra/launcher=ramp_slurm runs only a sweep.*add -m"):
+        launcher_check("hydra/launcher=ramp_slurm", "optim.lr=1e-3")
+    launcher_check("hydra/launcher=basic", "optim.lr=1e-3")  # Hydra's default launcher runs here anyway
+    launcher_check("-m", "hydra/launcher=ramp_slurm", "optim.lr=1e-3")  # a sweep of one point
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "hydra.launcher.partiton=gpu",
+            r"hydra.launcher.partiton is not a key .*did you mean hydra.launcher.partition\?",
+        ),
+        ("hydra.launcher.timeout_min=abc", r"hydra.launcher.timeout_min=abc is not of the type .* int$"),
+        ("hydra.launcher.nodes=1,2", r"hydra.launcher.nodes is swept"),
+        (
+            "hydra.launcher.additional_parameters.mail-user=me@x",
+            r"add it with a \+, \+hydra.launcher.additional_parameters.mail-user=me@x$",
+        ),
+        # 6 minutes leave no more than the 300 s of signal_delay_s plus the minute Slurm may take to signal.
+        (
+            "hydra.launcher.timeout_min=6",
+            r"timeout_min=6 \(360 s\) is not above .*signal_delay_s=300 s plus a minute",
+        ),
+        ("hydra.launcher.signal_delay_s=0", r"must both be at least 1"),
+    ],
+)
+def test_launcher_mistakes_get_one_line_before_anything_is_submitted(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        launcher_check("-m", "hydra/launcher=ramp_slurm", override, "optim.lr=1e-3,2e-3")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["hydra.launcher.timeout_min=7"],  # 420 s: above 300 s plus a minute
+        ["hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30"],
+        ["+hydra.launcher.additional_parameters.mail-user=me@x", "hydra.launcher.partition=gpu"],
+        ["hydra.launcher.additional_parameters.signal=USR1@90", "hydra.launcher.cpus_per_task=8"],
+    ],
+)
+def test_launcher_settings_that_work_pass(overrides: list[str]) -> None:
+    launcher_check("-m", "hydra/launcher=ramp_slurm", *overrides, "optim.lr=1e-3,2e-3")
+    # Each also composes: the check lets through only what Hydra takes.
+    composed(["hydra/launcher=ramp_slurm", *overrides])

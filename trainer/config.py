@@ -37,7 +37,7 @@ from trainer.durations import (
 )
 from trainer.errors import ConfigError
 from trainer.overrides import ConfigShape, command_overrides
-from trainer.schedules import SCHEDULES, SHAPES, Schedule, ScheduleConfig, branch_schedule, build_schedule
+from trainer.schedules import SCHEDULES, Schedule, ScheduleConfig, branch_schedule, build_schedule
 from trainer.schema import MISSING, OnResume, on_resume, setting
 
 if typing.TYPE_CHECKING:
@@ -228,7 +228,10 @@ class BranchConfig:
     decay_samples: Any = setting(None, on_resume=OnResume.changes_math)
     """The decay's length in samples."""
     decay_type: str = setting("1-sqrt", on_resume=OnResume.changes_math)
-    """Shape of the decay: linear, cosine or 1-sqrt (Hägele et al. 2024), as warmup_stable_decay's."""
+    """Shape of the decay: linear, cosine or 1-sqrt (Hägele et al. 2024), as warmup_stable_decay's; or any
+    registered schedule by name (polynomial, inverse_sqrt, ...), run without warmup over the decay."""
+    decay_keys: dict[str, Any] = setting(factory=dict, on_resume=OnResume.changes_math)
+    """Keys of the schedule named by decay_type (+branch.decay_keys.power=2); none for a shape."""
     min_lr_ratio: float = setting(0.0, on_resume=OnResume.changes_math)
     """The floor the decay ends at, as a fraction of optim.lr."""
 
@@ -245,9 +248,6 @@ class BranchConfig:
             len(lengths) == 1,
             f"branch.checkpoint={self.checkpoint} needs one decay length: branch.decay_steps, branch.decay_tokens "
             "or branch.decay_samples" + (f" (got {' and '.join(lengths)})" if lengths else ""),
-        )
-        _require(
-            self.decay_type in SHAPES, f"branch.decay_type={self.decay_type} must be linear, cosine or 1-sqrt"
         )
         _require(
             0.0 <= self.min_lr_ratio <= 1.0, f"branch.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"
@@ -830,6 +830,7 @@ class Config:
             decay=decay,
             decay_type=self.branch.decay_type,
             min_lr_ratio=self.branch.min_lr_ratio,
+            decay_keys=dict(self.branch.decay_keys),
         )
 
     def stop_step(self, clock: Clock) -> int | None:

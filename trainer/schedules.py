@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -761,37 +761,92 @@ class WSDSSchedule(ScheduleConfig):
         return self.periods(steps, clock)[1][0]
 
 
+def shape_tail(units: int, *, decay_type: str, decay: int) -> float:
+    """A WSD decay shape (linear, cosine, 1-sqrt) ``units`` into a decay of ``decay`` units: 1 down to 0."""
+    progress = min(float(units) / float(max(1, decay)), 1.0)
+    return _shape(decay_type, progress, 0.5, rising=False)
+
+
+def schedule_tail(units: int, *, schedule: Multiplier, decay: int) -> float:
+    """A registered schedule's multiplier (built without warmup over ``decay`` units) ``units`` into the
+    decay; it stays at its last value past the decay's end."""
+    return schedule(min(units, decay))
+
+
 def branched(
     units: int,
     *,
     base: Multiplier,
     at: int,
-    decay: int,
-    decay_type: str,
+    tail: Multiplier,
     min_lr_ratio: float,
 ) -> float:
-    """``base`` up to the clock's ``at``, then a decay over ``decay`` units from ``base(at)`` down to
-    ``min_lr_ratio``, in :func:`warmup_stable_decay`'s arithmetic (so a branch off a constant stretch at
-    1.0 is that schedule's decay to the last bit)."""
+    """``base`` up to the clock's ``at``, then ``tail`` (1 at the branch, 0 at the decay's end for a
+    shape) scaled from ``base(at)`` down to ``min_lr_ratio``: ``tail * (base(at) - floor) + floor``, in
+    :func:`warmup_stable_decay`'s arithmetic (so a branch off a constant stretch at 1.0 is that schedule's
+    decay to the last bit)."""
     if units <= at:
         return base(units)
     start = base(at)
-    progress = min(float(units - at) / float(max(1, decay)), 1.0)
-    factor = _shape(decay_type, progress, 0.5, rising=False)
+    factor = tail(units - at)
     return max(0.0, factor * (start - min_lr_ratio) + min_lr_ratio)
 
 
+def decay_tail(decay_type: str, decay: int, keys: dict[str, Any], peak_lr: float) -> Multiplier:
+    """The multiplier of a branch's decay, 1 at the branch: a WSD shape (linear, cosine, 1-sqrt), or any
+    registered schedule by name, built with its own ``keys`` and no warmup over ``decay`` units (the
+    schedule's own formula and source, e.g. ``polynomial`` after transformers'
+    ``get_polynomial_decay_schedule_with_warmup``).
+
+    Raises:
+        ConfigError: a name that is neither a shape nor a registered schedule, keys the schedule lacks
+            or refuses, or a shape given keys.
+    """
+    if decay_type in SHAPES:
+        _check(
+            not keys, f"branch.decay_keys sets {sorted(keys)}, but branch.decay_type={decay_type} takes none"
+        )
+        return partial(shape_tail, decay_type=decay_type, decay=decay)
+    _check(
+        decay_type in SCHEDULES,
+        f"branch.decay_type={decay_type} must be linear, cosine, 1-sqrt or a registered schedule: "
+        f"{', '.join(SCHEDULES)}",
+    )
+    cls = SCHEDULES[decay_type]
+    known = {f.name for f in fields(cls)} - {f.name for f in fields(ScheduleConfig)}
+    unknown = sorted(set(keys) - known)
+    _check(
+        not unknown,
+        f"branch.decay_keys.{unknown[0] if unknown else ''} is not a key of schedule {decay_type}; its keys: "
+        f"{', '.join(sorted(known)) or 'none'}",
+    )
+    try:
+        schedule = cls(**keys).multiplier(0, decay, peak_lr)
+    except ConfigError as err:
+        raise ConfigError(
+            f"branch.decay_type={decay_type}: {str(err).replace('schedule.', 'branch.decay_keys.')}"
+        ) from None
+    return partial(schedule_tail, schedule=schedule, decay=decay)
+
+
 def branch_schedule(
-    base: Schedule, *, at_step: int, decay: int, decay_type: str, min_lr_ratio: float
+    base: Schedule,
+    *,
+    at_step: int,
+    decay: int,
+    decay_type: str,
+    min_lr_ratio: float,
+    decay_keys: dict[str, Any] | None = None,
 ) -> Schedule:
     """``base`` through global step ``at_step`` (a checkpoint's), then a decay of ``decay`` clock units
     (steps, or samples under a batch schedule) from the LR in effect at ``at_step`` down to
-    ``min_lr_ratio x peak``; the run ends at the first step that completes the decay.
+    ``min_lr_ratio x peak``, shaped by :func:`decay_tail`; the run ends at the first step that completes
+    the decay.
 
     Raises:
-        ConfigError: ``at_step`` beyond ``base``'s run, or a decay shape that is not linear, cosine or 1-sqrt.
+        ConfigError: ``at_step`` beyond ``base``'s run, or a decay :func:`decay_tail` refuses.
     """
-    _check(decay_type in SHAPES, f"branch.decay_type={decay_type} must be linear, cosine or 1-sqrt")
+    tail = decay_tail(decay_type, decay, dict(decay_keys or {}), base.peak_lr)
     _check(
         at_step <= base.max_steps,
         f"branch.checkpoint is at step {at_step}, past the schedule's {base.max_steps} steps: give the "
@@ -804,8 +859,7 @@ def branch_schedule(
         branched,
         base=base.multiplier_fn,
         at=at,
-        decay=decay,
-        decay_type=decay_type,
+        tail=tail,
         min_lr_ratio=min_lr_ratio,
     )
     return replace(

@@ -69,9 +69,76 @@ def test_a_branch_decays_from_the_lr_in_effect_at_its_step(tmp_path: Path) -> No
     assert branch.lr(60) == pytest.approx(6e-5, rel=1e-12)
 
 
+def hf_lambdas(name: str, total: int, **kwargs: object) -> list[float]:
+    """transformers' LR multipliers of ``get_<name>_schedule_with_warmup`` (no warmup, ``total`` steps)
+    after 0..total scheduler steps."""
+    import torch
+    import transformers
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=6e-4)
+    scheduler = getattr(transformers, f"get_{name}_schedule_with_warmup")(
+        optimizer, num_warmup_steps=0, num_training_steps=total, **kwargs
+    )
+    return [fn(k) for fn in scheduler.lr_lambdas for k in range(total + 1)]
+
+
+@pytest.mark.parametrize(
+    ("decay_type", "keys", "reference"),
+    [
+        ("polynomial", {"power": 2.0, "lr_end": 1e-6}, ("polynomial_decay", {"power": 2.0, "lr_end": 1e-6})),
+        ("cosine_with_min_lr", {"min_lr_rate": 0.1}, ("cosine_with_min_lr", {"min_lr_rate": 0.1})),
+        ("linear", {}, ("linear", {})),
+        ("cosine", {}, ("cosine", {})),
+    ],
+)
+def test_a_branch_decays_along_any_registered_schedule_as_transformers_computes_it(
+    decay_type: str, keys: dict[str, float], reference: tuple[str, dict[str, float]], tmp_path: Path
+) -> None:
+    """Off a constant run's step 40 (LR 6e-4), a 30-step tail shaped as the registered schedule: each LR
+    equals transformers' function of that name over 30 steps, at the steps since the branch."""
+    parent = fake_checkpoint(tmp_path, 40)
+    given = [f"+branch.decay_keys.{key}={value}" for key, value in keys.items()]
+    branch = compose(
+        [*COMMON, "schedule=constant_with_warmup", "train.max_steps=40", "schedule.warmup_steps=10",
+         f"branch.checkpoint={parent}", "branch.decay_steps=30", f"branch.decay_type={decay_type}", *given]
+    ).schedule_for(1)  # fmt: skip
+    assert branch.max_steps == 70
+    name, kwargs = reference
+    expected = hf_lambdas(name, 30, **kwargs)
+    for k in range(41, 71):
+        assert branch.lr(k) == pytest.approx(6e-4 * expected[k - 40], rel=1e-12, abs=1e-18), k
+
+
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
+        (
+            [
+                "branch.checkpoint=CKPT",
+                "branch.decay_steps=5",
+                "branch.decay_type=polynomial",
+                "+branch.decay_keys.pwr=2",
+            ],
+            "branch.decay_keys.pwr is not a key of schedule polynomial; its keys: lr_end, power",
+        ),
+        (
+            [
+                "branch.checkpoint=CKPT",
+                "branch.decay_steps=5",
+                "branch.decay_type=polynomial",
+                "+branch.decay_keys.lr_end=1",
+            ],
+            "branch.decay_type=polynomial: branch.decay_keys.lr_end=1",
+        ),
+        (
+            [
+                "branch.checkpoint=CKPT",
+                "branch.decay_steps=5",
+                "branch.decay_type=cosine",
+                "+branch.decay_keys.power=2",
+            ],
+            "branch.decay_keys sets ['power'], but branch.decay_type=cosine takes none",
+        ),
         (["branch.decay_steps=10"], "branch.decay_steps needs branch.checkpoint"),
         (["branch.checkpoint=CKPT"], "needs one decay length"),
         (
@@ -80,7 +147,7 @@ def test_a_branch_decays_from_the_lr_in_effect_at_its_step(tmp_path: Path) -> No
         ),
         (
             ["branch.checkpoint=CKPT", "branch.decay_steps=5", "branch.decay_type=exp"],
-            "branch.decay_type=exp",
+            "branch.decay_type=exp must be linear, cosine, 1-sqrt or a registered schedule: constant, ",
         ),
         (
             ["branch.checkpoint=CKPT", "branch.decay_steps=5", "branch.min_lr_ratio=2"],

@@ -408,6 +408,10 @@ class BuiltinData(DataConfig):
     """Selected with data=builtin."""
 
 
+SAMPLE_BY = ("document", "paragraph", "line")
+"""How data=text splits a .txt file into documents (data.sample_by)."""
+
+
 @dataclass
 class TextData(DataConfig):
     """Your own files: ``.txt``, ``.jsonl`` / ``.json`` and ``.parquet``."""
@@ -421,11 +425,23 @@ class TextData(DataConfig):
     .parquet (one document per record)."""
     text_field: str = setting("text", on_resume=OnResume.refused)
     """The field holding a record's text in .jsonl, .json and .parquet files."""
+    sample_by: str = setting("document", on_resume=OnResume.refused)
+    """How a .txt file is split into documents: document (the whole file), paragraph (at blank lines) or
+    line (each line, without its line break), as datasets' text builder's sample_by."""
 
     def check(self) -> None:
-        """As :meth:`DataConfig.check`, and ``data.files`` must be a path or a list of paths."""
+        """As :meth:`DataConfig.check`; ``data.files`` must be a path or a list of paths, and
+        ``data.sample_by`` one of document, paragraph, line.
+
+        Raises:
+            ConfigError: either is not.
+        """
         super().check()
         _check_files(self.files)
+        _require(
+            self.sample_by in SAMPLE_BY,
+            f"data.sample_by={self.sample_by} must be {', '.join(SAMPLE_BY[:-1])} or {SAMPLE_BY[-1]}",
+        )
 
 
 @dataclass
@@ -439,6 +455,9 @@ class HFData(DataConfig):
     csv, arrow) that reads data.files."""
     name: str | None = setting(None, on_resume=OnResume.refused)
     """The dataset's configuration name (load_dataset's second argument)."""
+    revision: str | None = setting(None, on_resume=OnResume.refused)
+    """A hub dataset's branch, tag or commit (load_dataset's revision); default its main branch. The token
+    cache is keyed by the commit it resolves to, so a new revision is tokenized anew."""
     split: str = setting("train", on_resume=OnResume.refused)
     """The split to train on; the validation documents are held out from it."""
     files: Any = setting(None, on_resume=OnResume.refused)

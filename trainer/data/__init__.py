@@ -121,20 +121,23 @@ def _batch_words(t: TrainConfig, world_size: int) -> str:
     return f"train.micro_batch_size={t.micro_batch_size}{ranks}"
 
 
-def _check_train_batch(describe: str, windows: int, t: TrainConfig, world_size: int) -> None:
+def _check_train_batch(describe: str, train_tokens: int, t: TrainConfig, world_size: int) -> None:
     """Refuse a training slice with fewer windows of train.seq_len than one micro-batch on every rank.
 
     Raises:
         ConfigError: the numbers, and the micro-batch size or sequence length that would fit.
     """
+    windows = (train_tokens - 1) // t.seq_len  # as the sampler counts them
     if windows >= t.micro_batch_size * world_size:
         return
     fits = windows // world_size
     fixes = [f"lower train.micro_batch_size to {fits} or less"] if fits else []
+    shorter = (train_tokens - 1) // (t.micro_batch_size * world_size)
+    if shorter >= 1:
+        fixes.append(f"lower train.seq_len to {shorter} or less")
     raise ConfigError(
         f"{describe} has {windows} training windows of train.seq_len={t.seq_len}, fewer than one micro-batch "
-        f"for every rank: {_batch_words(t, world_size)}; "
-        + ", ".join([*fixes, "lower train.seq_len", "or add text"])
+        f"for every rank: {_batch_words(t, world_size)}; " + ", ".join([*fixes, "or add text"])
     )
 
 
@@ -183,12 +186,15 @@ def build_data(cfg: Config, info: DistInfo) -> Data:
     t = cfg.train
     train_tokens = files.tokens("train")
     if len(train_tokens) < t.seq_len + 1:
+        shortest = (len(train_tokens) - 1) // (t.micro_batch_size * info.world_size)  # one micro-batch a rank
         raise ConfigError(
             f"{source.describe} holds {len(train_tokens)} training tokens, fewer than one sample of "
-            f"train.seq_len + 1 = {t.seq_len + 1}; add text or lower train.seq_len"
+            f"train.seq_len + 1 = {t.seq_len + 1}; "
+            + (f"lower train.seq_len to {shortest} or less, or " if shortest else "")
+            + "add text"
         )
     sampler = WindowSampler(train_tokens, t.seq_len, t.micro_batch_size, info.rank, info.world_size, t.seed)
-    _check_train_batch(source.describe, sampler.num_samples, t, info.world_size)
+    _check_train_batch(source.describe, len(train_tokens), t, info.world_size)
     val_tokens = files.tokens("val")
     if t.eval_every:
         _check_val_batch(source.describe, len(train_tokens), len(val_tokens), cfg, info.world_size)

@@ -11,6 +11,7 @@ processes, so the packer keeps pace with the tokenizer.
 from __future__ import annotations
 
 import collections
+import math
 import multiprocessing
 import os
 import queue
@@ -151,19 +152,37 @@ class SplitWriter:
         self.handle.close()
 
 
+VAL_RULES = {
+    "documents": "documents held out by a hash of their text",
+    "last document": "the last document (the hash held out none)",
+    "tokens": "the last tokens of the corpus, which is one document (split by tokens, as nanoGPT splits its file)",
+}
+"""How the validation slice was held out (a cache entry's ``val_split``), in words for the start-up line."""
+
+
 @dataclass
 class PackStats:
-    """Tokens (end-of-document tokens included) and documents written, by split: "train" and "val"."""
+    """Tokens (end-of-document tokens included) and documents written, by split: "train" and "val"; and
+    the rule that held out the validation slice (a key of :data:`VAL_RULES`)."""
 
     tokens: dict[str, int]
     documents: dict[str, int]
+    val_split: str = "documents"
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """One document split as nanoGPT splits its one file: the first tokens train, the last
+    ``ceil(val_fraction x len)`` (at least one) validate. Shapes ``(n,)`` -> ``(n - k,)``, ``(k,)``."""
+    held = min(max(1, math.ceil(val_fraction * len(tokens))), len(tokens) - 1)
+    return tokens[: len(tokens) - held], tokens[len(tokens) - held :]
 
 
 def pack(source: Source, tokenizer: Tokenizer, val_fraction: float, folder: Path, num_proc: int) -> PackStats:
     """Write ``folder/train.bin`` and ``folder/val.bin``; empty documents are skipped.
 
     When the hash holds out no document (a tiny corpus), the last training document moves to
-    validation, so any corpus of two documents or more has a validation slice.
+    validation, so any corpus of two documents or more has a validation slice; a corpus of one document
+    (one .txt file) is held out by tokens instead (:func:`split_tokens`).
 
     Raises:
         ConfigError: the source holds no non-empty document.
@@ -184,12 +203,21 @@ def pack(source: Source, tokenizer: Tokenizer, val_fraction: float, folder: Path
             val.add(to_val)
             if to_train:
                 last_train = to_train[-1]
+        rule = "documents"
         if val.documents == 0 and train.documents >= 2 and last_train is not None:
             train.drop_last(last_train)
             val.add([last_train])
+            rule = "last document"
+        elif val.documents == 0 and train.documents == 1 and last_train is not None and len(last_train) >= 2:
+            train.drop_last(last_train)
+            head, tail = split_tokens(last_train, val_fraction)
+            train.add([head])
+            val.add([tail])
+            rule = "tokens"
     if train.documents + val.documents == 0:
         raise ConfigError(f"{source.describe} holds no text (no non-empty document); point it at your corpus")
     return PackStats(
         tokens={"train": train.tokens, "val": val.tokens},
         documents={"train": train.documents, "val": val.documents},
+        val_split=rule,
     )

@@ -175,6 +175,18 @@ def _missing_field(field: str, path: Path, fields: Iterable[str]) -> ConfigError
     )
 
 
+def split_text(raw: bytes, sample_by: str) -> list[bytes]:
+    """A .txt file's documents, as ``datasets``' text builder (4.x) splits it with ``sample_by``: the
+    whole file (``document``, as read), or, after universal newlines (\\r\\n and \\r read as \\n), its
+    paragraphs (``paragraph``: split at \\n\\n) or lines (``line``: split at \\n, without it). Empty
+    pieces are no documents."""
+    if sample_by == "document":
+        return [raw]
+    text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    pieces = text.split(b"\n") if sample_by == "line" else text.split(b"\n\n")
+    return [piece for piece in pieces if piece]
+
+
 class TextSource:
     """data=text: local files. A .txt file is one document; a .jsonl, .json or .parquet record is one."""
 
@@ -188,6 +200,7 @@ class TextSource:
             )
         self.describe = f"data.files={override_value(patterns)}"
         self.field = cfg.text_field
+        self.sample_by = cfg.sample_by
         self.files = resolve_files(patterns, "data.files", self.SUFFIXES)
         for path in self.files:
             if path.suffix not in self.SUFFIXES:
@@ -210,14 +223,22 @@ class TextSource:
                 raise _missing_field(self.field, path, names)
 
     def fingerprint(self) -> dict[str, object]:
-        """Each file's path, size and modification time, and the text field."""
-        return {"source": "text", "files": file_stats(self.files), "text_field": self.field}
+        """Each file's path, size and modification time, the text field and how .txt files split."""
+        stats: dict[str, object] = {
+            "source": "text",
+            "files": file_stats(self.files),
+            "text_field": self.field,
+        }
+        return stats if self.sample_by == "document" else {**stats, "sample_by": self.sample_by}
 
     def batches(self) -> Iterator[Batch]:
-        """The documents in file order: runs of .txt files batched together, records file by file."""
+        """The documents in file order: runs of .txt files batched together (split by ``data.sample_by``),
+        records file by file."""
         for is_text, paths in itertools.groupby(self.files, key=lambda p: p.suffix == ".txt"):
-            if is_text:  # one document per file: consecutive .txt files share batches
-                yield from batched(path.read_bytes() for path in paths)
+            if is_text:  # consecutive .txt files share batches
+                yield from batched(
+                    piece for path in paths for piece in split_text(path.read_bytes(), self.sample_by)
+                )
             else:
                 for path in paths:
                     yield from self._records(path)
@@ -283,6 +304,28 @@ def _is_json_array(path: Path) -> bool:
     return head.startswith(b"[")
 
 
+def hub_commit(path: str, revision: str | None) -> str:
+    """The commit a hub dataset's ``revision`` (default ``main``) resolves to: a commit hash as given,
+    else asked of the hub (``HfApi.dataset_info``), else, offline or unreachable, read from
+    huggingface_hub's local cache (``datasets--<org>--<name>/refs/<revision>``); ``unresolved <revision>``
+    when neither knows it (loading it then fails with its own message)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    wanted = revision or "main"
+    if len(wanted) == 40 and all(ch in "0123456789abcdef" for ch in wanted):
+        return wanted
+    if not constants.HF_HUB_OFFLINE and os.environ.get("HF_DATASETS_OFFLINE") != "1":
+        try:
+            sha = huggingface_hub.HfApi().dataset_info(path, revision=wanted, timeout=30).sha
+            if sha:
+                return str(sha)
+        except Exception:  # no network, no such dataset: the local cache may still know
+            pass
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}" / "refs" / wanted
+    return ref.read_text().strip() if ref.is_file() else f"unresolved {wanted}"
+
+
 class HFSource:
     """data=hf: anything datasets.load_dataset reads, plus folders written by save_to_disk."""
 
@@ -335,6 +378,7 @@ class HFSource:
             "split": c.split,
             "text_field": c.text_field,
             "files": file_stats(self.files),
+            **({"revision": hub_commit(self.path, c.revision)} if self.kind == "hub" else {}),
         }
 
     def load(self) -> Any:
@@ -360,7 +404,12 @@ class HFSource:
             data_files = [str(p) for p in self.files] if self.kind == "builder" else as_list(c.files) or None
             path = str(Path(self.path).expanduser()) if self.kind == "folder" else self.path
             return datasets.load_dataset(
-                path, c.name, split=c.split, data_files=data_files, streaming=c.streaming
+                path,
+                c.name,
+                split=c.split,
+                data_files=data_files,
+                streaming=c.streaming,
+                revision=c.revision if self.kind == "hub" else None,
             )
         except ConfigError:
             raise

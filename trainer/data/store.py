@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from trainer.config import DataConfig
-from trainer.data.pack import is_validation, pack
+from trainer.data.pack import VAL_RULES, PackStats, is_validation, pack
 from trainer.data.sources import Source
 from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, token_dtype, train_bpe
 
@@ -56,6 +56,14 @@ class TokenFiles:
         """The entry's tokenizer.json, or None (the byte tokenizer has none)."""
         path = self.path / "tokenizer.json"
         return path if path.exists() else None
+
+
+def val_rule(meta: dict[str, Any]) -> str:
+    """How an entry's validation slice was held out, in words with its fraction (entries written before
+    the rule was recorded held out documents)."""
+    rule = str(meta.get("val_split", "documents"))
+    share = "" if rule == "last document" else f", data.val_fraction={meta['val_fraction']:g}"
+    return VAL_RULES[rule] + share
 
 
 def default_cache_dir() -> Path:
@@ -129,6 +137,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _meta(
+    source: Source, tokenizer: ByteTokenizer | HFTokenizer, cfg: DataConfig, stats: PackStats, seconds: float
+) -> dict[str, Any]:
+    """An entry's meta.json: what was tokenized, how, into what, and how the validation slice was cut."""
+    return {
+        "format": FORMAT_VERSION,
+        "source": source.describe,
+        "tokenizer": cfg.tokenizer,
+        "tokenizer_name": tokenizer.name,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "tokens": stats.tokens,
+        "documents": stats.documents,
+        "val_fraction": cfg.val_fraction,
+        "val_split": stats.val_split,
+        "seconds": round(seconds, 3),
+    }
+
+
 def build(
     source: Source, tokenizer: ByteTokenizer | HFTokenizer | None, cfg: DataConfig, entry: Path
 ) -> TokenFiles:
@@ -136,10 +164,11 @@ def build(
     found = lookup(entry)
     if found is not None:
         log.info(
-            "ramp | data: reusing cached tokens in %s (%d train, %d val tokens)",
+            "ramp | data: reusing cached tokens in %s (%d train, %d val tokens; validation: %s)",
             entry,
             found.meta["tokens"]["train"],
             found.meta["tokens"]["val"],
+            val_rule(found.meta),
         )
         return found
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -158,29 +187,18 @@ def build(
         stats = pack(source, tokenizer, cfg.val_fraction, staging, cfg.num_proc)
         seconds = time.perf_counter() - started
         total = stats.tokens["train"] + stats.tokens["val"]
-        meta = {
-            "format": FORMAT_VERSION,
-            "source": source.describe,
-            "tokenizer": cfg.tokenizer,
-            "tokenizer_name": tokenizer.name,
-            "dtype": token_dtype(tokenizer.vocab_size).name,
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "tokens": stats.tokens,
-            "documents": stats.documents,
-            "val_fraction": cfg.val_fraction,
-            "seconds": round(seconds, 3),
-        }
+        meta = _meta(source, tokenizer, cfg, stats, seconds)
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         with contextlib.suppress(OSError):  # another builder finished first; its entry is identical
             os.rename(staging, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info(
-        "ramp | data: %d documents, %d tokens (%d val) in %.1f s: %.0f tokens/s",
+        "ramp | data: %d documents, %d tokens (%d val; validation: %s) in %.1f s: %.0f tokens/s",
         stats.documents["train"] + stats.documents["val"],
         total,
         stats.tokens["val"],
+        val_rule(meta),
         seconds,
         total / max(seconds, 1e-9),
     )

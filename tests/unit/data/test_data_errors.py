@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -212,6 +213,46 @@ def test_a_micro_batch_larger_than_the_training_slice_names_the_batch(tmp_path: 
     windows = int(message.split(" has ")[1].split()[0])
     assert message == (
         f"{files} has {windows} training windows of train.seq_len=16, fewer than one micro-batch for every rank: "
-        f"train.micro_batch_size=500; lower train.micro_batch_size to {windows} or less, lower train.seq_len, "
-        "or add text"
+        f"train.micro_batch_size=500; lower train.micro_batch_size to {windows} or less, lower train.seq_len to "
+        f"{(windows * 16) // 500} or less, or add text"
     )
+
+
+FIX = re.compile(r"(?:lower|raise) (\S+) to (\S+?)(?: or less)?(?:,|$)|set (\S+=\S+)")
+"""A fix a data error offers: "lower K to V or less", "raise K to V" or "set K=V"."""
+
+
+def offered_fixes(message: str) -> list[str]:
+    """Every override the message's fixes name, as key=value."""
+    return [f"{m[0]}={m[1]}" if m[0] else m[2] for m in FIX.findall(message)]
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        # One file, too short for a sample of the default sequence.
+        ("short", ["train.seq_len"]),
+        # One file, too few windows for the micro-batch.
+        ("batch", ["train.micro_batch_size", "train.seq_len"]),
+        # One file held out by tokens: its validation slice too small for the micro-batch.
+        ("val", ["train.micro_batch_size", "train.seq_len", "data.val_fraction", "train.eval_every"]),
+    ],
+)
+def test_every_fix_a_data_error_offers_makes_the_run_start(
+    case: str, expected: list[str], tmp_path: Path
+) -> None:
+    text = {"short": "one short file. " * 10, "batch": "word " * 2_000, "val": "word " * 20_000}[case]
+    (tmp_path / "corpus.txt").write_text(text)
+    base = ["data=text", f"data.files={tmp_path / 'corpus.txt'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    base += {
+        "short": ["train.eval_every=0"],
+        "batch": ["train.seq_len=64", "train.micro_batch_size=200", "train.eval_every=0"],
+        "val": ["train.seq_len=64", "train.micro_batch_size=32"],
+    }[case]
+    with pytest.raises(ConfigError) as excinfo:
+        build_data(config(*base), ONE_PROCESS)
+    fixes = offered_fixes(str(excinfo.value))
+    assert [fix.split("=")[0] for fix in fixes] == expected, str(excinfo.value)
+    for fix in fixes:
+        data = build_data(config(*base, fix), ONE_PROCESS)
+        assert data.train.num_samples >= 1, fix

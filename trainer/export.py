@@ -3,12 +3,13 @@
 CHECKPOINT is a ``checkpoints/step_<N>`` folder, or a run folder, its ``checkpoints`` folder or
 ``checkpoints/latest``: then the newest complete checkpoint in it, chosen as a resume chooses it
 (past a damaged one, saying so). The folder holds the transformers config and the weights as
-safetensors, plus the run's tokenizer when it has one (every ``data.tokenizer`` but ``bytes``),
-configured for use: its end-of-document token as ``eos_token``, ``pad_token`` and (unless it has its
-own) ``bos_token``, and the model's positions as ``model_max_length``; the model's config and
-generation config carry the same ids. ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads the
-exact trained model. A checkpoint's weights alone also start a new run (``init.weights``,
-:func:`load_weights`).
+safetensors (``--dtype bf16``: cast to bfloat16), the run's tokenizer (for ``data.tokenizer=bytes``, a
+byte-level tokenizer.json with ramp's ids), configured for use: its end-of-document token as
+``eos_token``, ``pad_token`` and (unless it has its own) ``bos_token``, and the model's positions as
+``model_max_length``; the model's config and generation config carry the same ids. A model card
+(``README.md``, :mod:`trainer.model_card`) says what was trained and how.
+``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads the exact trained model. A checkpoint's weights
+alone also start a new run (``init.weights``, :func:`load_weights`).
 """
 
 from __future__ import annotations

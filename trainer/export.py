@@ -3,12 +3,13 @@
 CHECKPOINT is a ``checkpoints/step_<N>`` folder, or a run folder, its ``checkpoints`` folder or
 ``checkpoints/latest``: then the newest complete checkpoint in it, chosen as a resume chooses it
 (past a damaged one, saying so). The folder holds the transformers config and the weights as
-safetensors, plus the run's tokenizer when it has one (every ``data.tokenizer`` but ``bytes``),
-configured for use: its end-of-document token as ``eos_token``, ``pad_token`` and (unless it has its
-own) ``bos_token``, and the model's positions as ``model_max_length``; the model's config and
-generation config carry the same ids. ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads the
-exact trained model. A checkpoint's weights alone also start a new run (``init.weights``,
-:func:`load_weights`).
+safetensors (``--dtype bf16``: cast to bfloat16), the run's tokenizer (for ``data.tokenizer=bytes``, a
+byte-level tokenizer.json with ramp's ids), configured for use: its end-of-document token as
+``eos_token``, ``pad_token`` and (unless it has its own) ``bos_token``, and the model's positions as
+``model_max_length``; the model's config and generation config carry the same ids. A model card
+(``README.md``, :mod:`trainer.model_card`) says what was trained and how.
+``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads the exact trained model. A checkpoint's weights
+alone also start a new run (``init.weights``, :func:`load_weights`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from torch import nn
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config, ModelConfig
+from trainer.data.tokenizer import ByteTokenizer
 from trainer.distributed import DistInfo
 from trainer.errors import ConfigError
 from trainer.models import build_model
@@ -182,29 +185,64 @@ def _save_tokenizer(tokenizer_file: Path, tokens: SpecialTokens, positions: int,
     shutil.copy(tokenizer_file, out_dir / "tokenizer.json")
 
 
-def export(checkpoint: Path, out_dir: Path) -> Start:
-    """Write ``checkpoint``'s model (and the run's tokenizer) as a Hugging Face folder ``out_dir``;
-    returns the checkpoint written (:func:`find_checkpoint` chose it) and its metadata.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``--dtype``: the weights as trained (fp32), or cast to bfloat16 (half the size, bf16's rounding)."""
+
+
+def run_folder(checkpoint: Path) -> Path:
+    """The run folder of a ``checkpoints/step_<N>`` folder: its tokenizer.json, metrics.jsonl, config.yaml."""
+    return checkpoint.parent.parent
+
+
+def save_tokenizer(folder: Path, meta: CheckpointMeta, positions: int, out_dir: Path) -> tuple[int, int, int]:
+    """Write the run's tokenizer, ready for ``AutoTokenizer.from_pretrained(out_dir)``, and return its
+    (bos, eos, pad) ids: the run folder's tokenizer.json, or for ``data.tokenizer=bytes`` (no file, 257
+    tokens) a byte-level tokenizer with ramp's ids (:meth:`ByteTokenizer.to_tokenizers`). A run folder
+    without a tokenizer.json of another vocabulary writes none: the ids are then all the checkpoint's
+    end-of-document id.
+
+    Raises:
+        ConfigError: the run folder's tokenizer.json lacks the checkpoint's end-of-document token.
+    """
+    tokenizer = run_folder(folder) / "tokenizer.json"  # every data.tokenizer but bytes leaves one
+    with tempfile.TemporaryDirectory() as scratch:
+        if not tokenizer.is_file():
+            byte_level = ByteTokenizer()
+            if (meta.tokenizer_vocab, meta.eos_id) != (byte_level.vocab_size, byte_level.eos_id):
+                return (meta.eos_id,) * 3
+            tokenizer = Path(scratch) / "tokenizer.json"
+            byte_level.to_tokenizers().save(str(tokenizer))
+        tokens = special_tokens(tokenizer, meta.eos_id)
+        _save_tokenizer(tokenizer, tokens, positions, out_dir)
+    return tokens.bos_id, tokens.eos_id, tokens.pad_id
+
+
+def export(checkpoint: Path, out_dir: Path, dtype: str = "fp32") -> Start:
+    """Write ``checkpoint``'s model (weights in ``dtype``, a key of :data:`DTYPES`), the run's tokenizer
+    and a model card (:mod:`trainer.model_card`) as a Hugging Face folder ``out_dir``; returns the
+    checkpoint written (:func:`find_checkpoint` chose it) and its metadata.
 
     Raises:
         ConfigError: ``out_dir`` is not empty, no usable checkpoint is found, or the run folder's
             tokenizer.json lacks the checkpoint's end-of-document token.
     """
+    from trainer.model_card import write_model_card
+
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"OUT_DIR {out_dir} is not empty; choose a new folder (nothing was overwritten)")
     folder = find_checkpoint(checkpoint)
     model: Any = load_model(folder)  # a transformers model: its config, generation config, save_pretrained
     meta = read_meta(folder)
-    tokenizer = folder.parent.parent / "tokenizer.json"  # every data.tokenizer but bytes leaves one
-    tokens = special_tokens(tokenizer, meta.eos_id) if tokenizer.is_file() else None
-    # bytes: no tokenizer folder, but the same ids as a tokenizer without its own bos and pad tokens
-    ids = (tokens.bos_id, tokens.eos_id, tokens.pad_id) if tokens else (meta.eos_id,) * 3
+    parameters = sum(p.numel() for p in model.parameters())  # before the cast: the count, not the bytes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = save_tokenizer(folder, meta, model.config.max_position_embeddings, out_dir)
     for config in (model.config, model.generation_config):
         if config is not None:
             config.bos_token_id, config.eos_token_id, config.pad_token_id = ids
+    model = model.to(DTYPES[dtype])
+    model.config.dtype = DTYPES[dtype]
     model.save_pretrained(out_dir, safe_serialization=True)
-    if tokens is not None:
-        _save_tokenizer(tokenizer, tokens, model.config.max_position_embeddings, out_dir)
+    write_model_card(Start(folder, meta), model.config, parameters, dtype, out_dir)
     return Start(folder, meta)
 
 
@@ -218,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         "(their newest complete checkpoint)",
     )
     parser.add_argument("out_dir", type=Path, help="the Hugging Face model folder to write")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="the weights' type: fp32 as trained, or bf16"
+    )
     args = parser.parse_args(argv)
     setup_logging(rank=0)
     # Everything here runs on the CPU. transformers' save_pretrained imports deepspeed (through accelerate)
@@ -227,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # its bar of shards written: ramp's one line says when it is done
     try:
-        written = export(args.checkpoint, args.out_dir)
+        written = export(args.checkpoint, args.out_dir, args.dtype)
     except ConfigError as err:
         print(f"ramp: error: {err}", file=sys.stderr)
         return 2

@@ -13,12 +13,15 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from trainer.config import DataConfig
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as RustTokenizer
 
 Text = str | bytes
 """A document: str, or bytes for files read raw (the byte tokenizer keeps them exact)."""
@@ -70,6 +73,32 @@ class ByteTokenizer:
     def to_json(self) -> None:
         """None: there is no file to keep."""
         return None
+
+    def to_tokenizers(self) -> RustTokenizer:
+        """The same ids as a tokenizers-library tokenizer, for a Hugging Face export: a BPE without merges
+        over GPT-2's 256 byte-level symbols (symbol of byte ``b`` = id ``b``), no pre-tokenizer splitting,
+        a byte-level decoder, and :data:`TRAINED_EOS` as the special token :attr:`eos_id`."""
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab = {symbol: byte for byte, symbol in byte_symbols().items()}
+        tokenizer = RustTokenizer(models.BPE(vocab=vocab, merges=[]))
+        # no regex: one text is one word, so no byte is ever moved, merged or dropped
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.add_special_tokens([TRAINED_EOS])
+        assert tokenizer.token_to_id(TRAINED_EOS) == self.eos_id
+        return tokenizer
+
+
+def byte_symbols() -> dict[int, str]:
+    """GPT-2's printable symbol of each byte value (its ``bytes_to_unicode``), as tokenizers' ByteLevel
+    pre-tokenizer writes bytes: printable Latin-1 bytes stand for themselves, the rest for 256 onwards."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [byte for byte in range(256) if byte not in kept]
+    symbols = {byte: chr(byte) for byte in kept}
+    symbols.update({byte: chr(256 + n) for n, byte in enumerate(moved)})
+    return symbols
 
 
 class HFTokenizer:

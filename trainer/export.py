@@ -170,9 +170,12 @@ def special_tokens(tokenizer_file: Path, eos_id: int) -> SpecialTokens:
     return SpecialTokens(eos, bos, pad, eos_id, vocab[bos], vocab[pad])
 
 
-def _save_tokenizer(tokenizer_file: Path, tokens: SpecialTokens, positions: int, out_dir: Path) -> None:
+def _save_tokenizer(
+    tokenizer_file: Path, tokens: SpecialTokens, positions: int, out_dir: Path, split_special: bool = False
+) -> None:
     """The run's tokenizer.json, byte for byte, with a tokenizer_config.json naming its special tokens and
-    ``model_max_length`` (the model's positions)."""
+    ``model_max_length`` (the model's positions); ``split_special``: a special token's text in a document
+    is encoded as ordinary text (``split_special_tokens``), as ramp's byte tokenizer encodes it."""
     from transformers import PreTrainedTokenizerFast
 
     PreTrainedTokenizerFast(
@@ -181,6 +184,7 @@ def _save_tokenizer(tokenizer_file: Path, tokens: SpecialTokens, positions: int,
         bos_token=tokens.bos,
         pad_token=tokens.pad,
         model_max_length=positions,
+        split_special_tokens=split_special,
     ).save_pretrained(out_dir)
     shutil.copy(tokenizer_file, out_dir / "tokenizer.json")
 
@@ -213,7 +217,9 @@ def save_tokenizer(folder: Path, meta: CheckpointMeta, positions: int, out_dir: 
             tokenizer = Path(scratch) / "tokenizer.json"
             byte_level.to_tokenizers().save(str(tokenizer))
         tokens = special_tokens(tokenizer, meta.eos_id)
-        _save_tokenizer(tokenizer, tokens, positions, out_dir)
+        _save_tokenizer(
+            tokenizer, tokens, positions, out_dir, split_special=tokenizer.parent == Path(scratch)
+        )
     return tokens.bos_id, tokens.eos_id, tokens.pad_id
 
 

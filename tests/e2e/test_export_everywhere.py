@@ -44,6 +44,7 @@ TEXTS = [
     "café naïve façade",
     "emoji 😀🎉 end",
     "tab\there",
+    "a literal <|endoftext|> in a document",
 ]
 TINY = [
     "train.max_steps=4",

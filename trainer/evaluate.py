@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(rank=0)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as trainer.export: no DeepSpeed GPU warning on a CPU
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the export's bar of shards written
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     try:
         with tempfile.TemporaryDirectory(prefix="ramp-eval-") as scratch:
@@ -183,6 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     if target.run_dir is not None:
         print(f"ramp | appended to {append_to_run(target.run_dir, record)} at step {target.step}")
     return 0
+
+
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE")
+LAUNCHER_ENV_PREFIXES = ("MASTER_", "ROLE_", "TORCHELASTIC_", "RAMP_EXIT_DIR")
+
+
+def alone_env() -> dict[str, str]:
+    """This process's environment without torchrun's variables: a background evaluation is a job of its own,
+    and lm-eval (through accelerate) would otherwise join the training's process group."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key not in LAUNCHER_ENV and not key.startswith(LAUNCHER_ENV_PREFIXES)
+    }
 
 
 @dataclass
@@ -219,6 +236,7 @@ class BackgroundEvals:
         with open(log_file, "wb") as out:
             process = subprocess.Popen(
                 [*command, "--device", self.device],
+                env=alone_env(),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

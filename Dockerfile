@@ -19,7 +19,7 @@ COPY trainer ./trainer
 COPY launch ./launch
 COPY docker ./docker
 RUN python -c "import torch; print('torch==' + torch.__version__)" > constraints.txt \
-    && pip install --no-cache-dir -c constraints.txt -e ".[data,deepspeed,plot,bench,slurm,dev]"
+    && pip install --no-cache-dir -c constraints.txt -e ".[data,deepspeed,plot,bench,slurm,eval,dev]"
 
 # Outputs, logs and caches land in /workspace: mount a host folder there to keep them.
 ENV PYTHONUNBUFFERED=1 \

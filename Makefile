@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	# Pin whatever torch is now installed, so no later resolution can swap in another build.
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[data,deepspeed,plot,bench,slurm,dev]"
+	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[data,deepspeed,plot,bench,slurm,eval,dev]"
 	touch $(STAMP)
 
 train: venv

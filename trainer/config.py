@@ -144,6 +144,15 @@ class TrainConfig:
     """Validation micro-batches per rank in one evaluation."""
     ckpt_every: int = setting(0, on_resume=OnResume.applies)
     """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
+    lm_eval_every: int = setting(0, on_resume=OnResume.applies)
+    """Evaluate the checkpoint of every N-th step (and the last) on train.lm_eval_tasks with lm-eval, in a
+    background process of rank 0 that training never waits on (python -m trainer.evaluate; its output in
+    run.dir/lm_eval/); results go to metrics.jsonl at the checkpoint's step. A multiple of train.ckpt_every;
+    0 disables it."""
+    lm_eval_tasks: list[str] = setting(factory=list, on_resume=OnResume.applies)
+    """lm-eval task names for train.lm_eval_every, e.g. [ramp_tiny] (ramp's offline task) or [hellaswag]."""
+    lm_eval_device: str = setting("cpu", on_resume=OnResume.applies)
+    """Device of the background evaluations: cpu (takes no accelerator memory from training), cuda or cuda:N."""
     keep_checkpoints: int = setting(3, on_resume=OnResume.applies)
     """Keep the newest N checkpoints; older ones are deleted once a newer one is complete."""
     on_nan: OnNan = setting(OnNan.halt, on_resume=OnResume.applies)
@@ -164,6 +173,21 @@ class TrainConfig:
         """The run lengths given, by key (``train.max_steps``, ``max_tokens``, ``max_samples``, ``epochs``)."""
         keys = ("max_steps", "max_tokens", "max_samples", "epochs")
         return {f"train.{key}": getattr(self, key) for key in keys if getattr(self, key) is not None}
+
+    def check_lm_eval(self) -> None:
+        """Raises ConfigError: train.lm_eval_every without tasks, or off the checkpoints' cadence."""
+        if not self.lm_eval_every:
+            return
+        _require(
+            bool(self.lm_eval_tasks),
+            f"train.lm_eval_every={self.lm_eval_every} needs tasks: set train.lm_eval_tasks=[ramp_tiny] (or "
+            "[hellaswag,...])",
+        )
+        _require(
+            self.ckpt_every > 0 and self.lm_eval_every % self.ckpt_every == 0,
+            f"train.lm_eval_every={self.lm_eval_every} evaluates saved checkpoints: make it a multiple of "
+            f"train.ckpt_every={self.ckpt_every} (e.g. train.ckpt_every={self.lm_eval_every})",
+        )
 
     def check(self) -> None:
         """Raises ConfigError: a count below its minimum, or two run lengths (but max_steps with epochs)."""
@@ -195,7 +219,8 @@ class TrainConfig:
                 "with a batch schedule each step accumulates what its stage needs; drop train.grad_accum_steps",
             )
         _at_least("train", self, ("keep_checkpoints",), 1)
-        _at_least("train", self, ("eval_every", "eval_steps", "ckpt_every"), 0)
+        _at_least("train", self, ("eval_every", "eval_steps", "ckpt_every", "lm_eval_every"), 0)
+        self.check_lm_eval()
         _require(
             self.eval_every == 0 or self.eval_steps >= 1,
             "train.eval_steps must be at least 1 when train.eval_every > 0 (set train.eval_every=0 to skip "
@@ -789,6 +814,11 @@ class Config:
             f"{self.model.max_position_embeddings}; lower train.seq_len or raise model.max_position_embeddings",
         )
         self.backend.check(self)
+        _require(
+            not self.train.lm_eval_every or self.data.tokenizer != "bytes",
+            f"train.lm_eval_every={self.train.lm_eval_every} needs a tokenizer in the export, and "
+            "data.tokenizer=bytes exports none; use data.tokenizer=train (or a tokenizer), or train.lm_eval_every=0",
+        )
         with contextlib.suppress(NeedsData):  # a length in epochs is checked once the data is built
             _ = self.lr_schedule  # the schedule's own checks need the run's length and optim.lr
 

@@ -31,6 +31,7 @@ from trainer.data.sampler import WindowSampler
 from trainer.distributed import DistInfo
 from trainer.durations import BatchRamp, Clock
 from trainer.errors import TrainingHalted
+from trainer.evaluate import BackgroundEvals
 from trainer.models import causal_lm_loss, count_parameters
 from trainer.observe import Recorder, job_log
 from trainer.observe.flops import flops_per_token, memory_gb, mfu, peak_flops
@@ -223,6 +224,8 @@ class Trainer:
     """On the device: the schedule's LR of global step k at index k (index 0 is unused)."""
     last_eval: dict[str, float] | None = field(init=False, default=None)
     """The newest evaluation's records (val_loss, val_ppl), None before the first."""
+    lm_evals: BackgroundEvals = field(init=False)
+    """train.lm_eval_every's background evaluations of saved checkpoints (rank 0 starts them)."""
 
     def __post_init__(self) -> None:
         self.meter = IntervalMeter(self.info.device)
@@ -240,6 +243,7 @@ class Trainer:
         lr_dtype = torch.float32 if self.info.device.type == "cuda" else torch.float64
         self.lr_table = torch.tensor(lrs, dtype=lr_dtype, device=self.info.device)
         self.lr_mults = self.cfg.optim.lr_mults()
+        self.lm_evals = BackgroundEvals(self.cfg.train, self.run_dir, self.info.is_main)
 
     def announce(self) -> None:
         """The start-up lines: what trains, on how many ranks, how many tokens a step, into where; the
@@ -365,7 +369,8 @@ class Trainer:
         return {"val_loss": loss_sum / tokens, "val_ppl": perplexity(loss_sum / tokens)}
 
     def save(self, state: TrainState) -> Path:
-        """Checkpoint the state after ``state.global_step`` (collective: every rank calls it)."""
+        """Checkpoint the state after ``state.global_step`` (collective: every rank calls it); start its
+        lm-eval in the background where train.lm_eval_every says (rank 0; nothing waits on it)."""
         meta = {
             "tokens": state.tokens,
             "skipped_steps": state.skipped_steps,
@@ -380,7 +385,10 @@ class Trainer:
         root = self.run_dir / "checkpoints"
         keep = self.cfg.train.keep_checkpoints
         rank_state = {"meter": self.meter.state_dict()}
-        return checkpoint.save(root, state.global_step, self.info, self.backend, meta, rank_state, keep)
+        path = checkpoint.save(root, state.global_step, self.info, self.backend, meta, rank_state, keep)
+        if self.lm_evals.due(state.global_step, self.end_step):
+            self.lm_evals.start(path, state.global_step)
+        return path
 
     def settle(self, state: TrainState, ledger: Ledger) -> None:
         """Read the attempts since the last sync into ``state``: the step and tokens of each applied one,
@@ -450,6 +458,7 @@ class Trainer:
             self.log_step(recorder, state, grad_norm)
         if t.eval_every and (step % t.eval_every == 0 or step == self.schedule.max_steps):
             self.record_eval(state, recorder, stop)
+        self.lm_evals.report()  # background evaluations that ended since: one line each
 
     def record_eval(self, state: TrainState, recorder: Recorder, stop: StopSignal) -> None:
         """Evaluate after ``state.global_step`` and record it, or leave it pending when a stop cuts it short."""
@@ -461,7 +470,9 @@ class Trainer:
         self.meter.started = time.perf_counter()  # evaluation time is not training throughput
 
     def preempted(self, stop: StopSignal, path: Path, step: int) -> Outcome:
-        """Say what stopped the run and where its checkpoint is (rank 0)."""
+        """Say what stopped the run and where its checkpoint is (rank 0), and which background evaluations
+        go on."""
+        self.lm_evals.leave()
         log.info(
             "ramp | preempted by %s: saved %s at step %d; exiting (the same command resumes from it)",
             stop.describe(),
@@ -538,4 +549,5 @@ class Trainer:
                 self.end_step,
                 self.schedule.max_steps,
             )
+        self.lm_evals.finish()  # waits for the background evaluations, up to a limit
         return Outcome.finished

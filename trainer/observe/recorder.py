@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -24,21 +25,33 @@ class Sink(Protocol):
         """Flush what is buffered and release the destination."""
 
 
+def append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` to the JSONL file ``path`` as one line in one ``write`` to a file opened for
+    appending, under an exclusive lock: a background evaluation (``train.lm_eval_every``) appends to the
+    run's metrics.jsonl while training does, and neither can split the other's line."""
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class JsonlSink:
-    """metrics.jsonl: one JSON object per line, flushed as written so a crash loses nothing logged."""
+    """metrics.jsonl: one JSON object per line, written as it comes so a crash loses nothing logged."""
 
     def __init__(self, path: Path, start_step: int) -> None:
         keep_through(path, start_step)
-        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        path.touch()
+        self.path = path
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append the record as one line, flushed."""
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
+        """Append the record as one whole line (:func:`append_line`)."""
+        append_line(self.path, record)
 
     def close(self) -> None:
-        """Close the file."""
-        self.handle.close()
+        """Nothing stays open between records."""
 
 
 def keep_through(path: Path, step: int) -> None:

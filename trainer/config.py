@@ -814,11 +814,6 @@ class Config:
             f"{self.model.max_position_embeddings}; lower train.seq_len or raise model.max_position_embeddings",
         )
         self.backend.check(self)
-        _require(
-            not self.train.lm_eval_every or self.data.tokenizer != "bytes",
-            f"train.lm_eval_every={self.train.lm_eval_every} needs a tokenizer in the export, and "
-            "data.tokenizer=bytes exports none; use data.tokenizer=train (or a tokenizer), or train.lm_eval_every=0",
-        )
         with contextlib.suppress(NeedsData):  # a length in epochs is checked once the data is built
             _ = self.lr_schedule  # the schedule's own checks need the run's length and optim.lr
 

@@ -63,8 +63,8 @@ def resolve(path: Path, scratch: Path) -> Target:
         target = Target(scratch / "hf", written.path.parent.parent, written.meta.step)
     if not (target.model_dir / "tokenizer.json").is_file():
         raise ConfigError(
-            f"{path} has no tokenizer, which lm-eval needs (a data.tokenizer=bytes run exports none); "
-            "evaluate a run trained with a tokenizer (data.tokenizer=train, a tokenizer.json or a name)"
+            f"{path} has no tokenizer.json, which lm-eval needs; export its checkpoint again with "
+            "python -m trainer.export (exports now carry one for every data.tokenizer, bytes too)"
         )
     return target
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stop the cluster that local_cluster_up.sh started: cancel its jobs, then stop slurmd, slurmctld
-# and (if that script started it) munged, each by the pid it recorded. Safe to run twice.
+# and (if that script started it and no other local cluster still runs) munged, each by the pid it
+# recorded. Safe to run twice.
 set -uo pipefail
 
 DIR=${RAMP_SLURM_DIR:-/tmp/ramp-slurm}
@@ -42,4 +43,11 @@ if alive "$DIR/run/slurmctld.pid" slurmctld; then
 fi
 stop "$DIR/run/slurmd.pid" slurmd
 stop "$DIR/run/slurmctld.pid" slurmctld
-stop "$DIR/run/munged.pid" munged
+# Another local cluster started later may have reused this munged (the up script reuses one that
+# answers): leave it to the last cluster running.
+if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+    [[ -f $DIR/run/munged.pid ]] && say "left munged running: another local cluster uses it"
+    rm -f "$DIR/run/munged.pid"
+else
+    stop "$DIR/run/munged.pid" munged
+fi

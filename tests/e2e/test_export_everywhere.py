@@ -192,3 +192,16 @@ def test_sample_refuses_a_missing_path_in_one_line(tmp_path: Path, cache_dir: Pa
     assert result.stderr.startswith("ramp: error: CHECKPOINT ")
     assert result.stderr.count("\n") == 1
     assert result.stdout == ""
+
+
+def test_lm_eval_scores_a_byte_level_export(run: Path, exports: dict[str, Path], cache_dir: Path) -> None:
+    """The byte-level tokenizer is all lm-eval needs: it scores a bytes run's export (and any run's)."""
+    pytest.importorskip("lm_eval")
+    if (run / "tokenizer.json").is_file():
+        pytest.skip("the BPE run's export is scored in test_lm_eval")
+    result = command(
+        "trainer.evaluate", exports["fp32"], "--tasks", "ramp_tiny", "--limit", "4", cache_dir=cache_dir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ramp_tiny" in result.stdout, result.stdout
+    assert "acc" in result.stdout, result.stdout

@@ -188,10 +188,6 @@ def test_a_bad_path_or_task_is_one_line_and_exit_2(
             ["train.lm_eval_every=6", "train.ckpt_every=4", "train.lm_eval_tasks=[ramp_tiny]"],
             "make it a multiple of train.ckpt_every=4",
         ),
-        (
-            ["train.lm_eval_every=4", "train.ckpt_every=2", "train.lm_eval_tasks=[ramp_tiny]"],
-            "data.tokenizer=bytes exports none",
-        ),
     ],
 )
 def test_the_in_training_option_is_refused_where_it_cannot_run(overrides: list[str], message: str) -> None:

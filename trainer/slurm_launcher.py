@@ -65,7 +65,7 @@ def queued_jobs(name: str) -> list[str]:
     """This user's Slurm jobs named ``name`` that are pending, running, or being requeued.
 
     Raises:
-        SystemExit: ``squeue`` is missing or fails (after one ``ramp: error:`` line).
+        SystemExit: ``squeue`` is missing or fails (after one ``ramp: error:`` line; status 2).
     """
     try:
         done = subprocess.run(
@@ -86,9 +86,9 @@ def queued_jobs(name: str) -> list[str]:
 
 
 def _fail(line: str) -> None:
-    """Raises SystemExit(1) after one ``ramp: error:`` line."""
+    """Raises SystemExit(2) after one ``ramp: error:`` line: the sweep was refused, nothing runs."""
     _say(f"ramp: error: {line}")
-    raise SystemExit(1)
+    raise SystemExit(2)
 
 
 def _describe(number: int, total: int, overrides: Sequence[str], keys: set[str]) -> str:
@@ -117,8 +117,8 @@ def launch(
     The submission follows ``BaseSubmititLauncher.launch`` of hydra-submitit-launcher 1.2.0.
 
     Raises:
-        SystemExit: jobs of this sweep are still queued or running (nothing submitted), or a point
-            failed (after all have ended, each reported).
+        SystemExit: status 2: jobs of this sweep are still queued or running, or sbatch refused the jobs
+            (nothing submitted); status 1: a point failed (after all have ended, each reported).
     """
     import submitit
 
@@ -148,7 +148,14 @@ def launch(
         for i, o in zip(numbers, job_overrides, strict=True)
     ]
     logging.getLogger("submitit").addFilter(_SacctOnce())
-    jobs = executor.map_array(self, *zip(*args, strict=True))
+    try:
+        jobs = executor.map_array(self, *zip(*args, strict=True))
+    except submitit.core.utils.FailedJobError as err:  # sbatch refused: a partition, account, size...
+        said = [line for line in str(err).splitlines() if line.strip()]
+        _fail(
+            f"Slurm refused the sweep's jobs ({said[-1] if said else err}); check the hydra.launcher settings "
+            "(partition, account, qos, mem_gb, additional_parameters): nothing was submitted"
+        )
     slurm_sweep.SUBMITTED[:] = [job.job_id for job in jobs]
     _say(
         f"ramp | sweep {name}: {len(jobs)} Slurm job(s) submitted ({', '.join(slurm_sweep.SUBMITTED)}); "

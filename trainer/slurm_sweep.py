@@ -82,7 +82,7 @@ def _launcher_schema() -> tuple[Any, dict[str, str], dict[str, Any]]:
     yaml_file = Path(__file__).resolve().parents[1] / "conf" / "hydra" / "launcher" / f"{LAUNCHER}.yaml"
     ours = yaml.safe_load(yaml_file.read_text())
     types = {
-        f.name: getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
+        f.name: f.type.__name__ if isinstance(f.type, type) else str(f.type).replace("typing.", "")
         for f in dataclasses.fields(SlurmQueueConf)
     }
     return OmegaConf.structured(SlurmQueueConf), types, ours
@@ -138,6 +138,25 @@ def check_command(overrides: list[Any]) -> None:
             raise ConfigError(f"{key}={value} is not of the type {key} takes: {types[name]}") from None
         given[name] = value
     _check_time_limit(given, ours)
+    _check_points(overrides, given, ours)
+
+
+def _check_points(overrides: list[Any], given: dict[str, str], ours: dict[str, Any]) -> None:
+    """Compose and check every point's configuration as its ranks will (``launch.submit.check_config``),
+    with the job's world size: ``hydra.launcher.nodes`` x ``RAMP_NPROC_PER_NODE`` (else
+    ``hydra.launcher.gpus_per_node``, else 1); a mistake costs no Slurm job.
+
+    Raises:
+        ConfigError: a bad ``RAMP_NPROC_PER_NODE``, or the first point whose configuration fails a check.
+    """
+    from launch.submit import check_config
+
+    nodes = int(given.get("nodes", ours.get("nodes") or 1))
+    per_node = nproc_per_node(os.environ) or int(given.get("gpus_per_node") or ours.get("gpus_per_node") or 1)
+    ramp_overrides = [
+        str(o.input_line) for o in overrides if not o.is_hydra_override() and o.input_line is not None
+    ]
+    check_config(["-m", *ramp_overrides], Path.cwd(), nodes * per_node)
 
 
 def _check_time_limit(given: dict[str, str], ours: dict[str, Any]) -> None:

@@ -104,7 +104,8 @@ def check_command(argv: list[str]) -> None:
     bare Slurm launcher, and a launcher without ``-m``.
 
     Raises:
-        ConfigError: a fixed ``run.dir`` (no swept key interpolated in it) given to a sweep of 2 or more jobs;
+        ConfigError: a swept ``run.name``; a fixed ``run.dir`` (no swept key interpolated in it) given to a
+            sweep of 2 or more jobs;
             ``hydra/launcher=submitit_slurm`` (its jobs get SIGUSR2, which ends ramp's launcher unsaved); a
             ``hydra/launcher`` other than ``basic`` without ``-m`` (Hydra would ignore it and train here).
     """
@@ -126,6 +127,11 @@ def check_command(argv: list[str]) -> None:
                 "SIGUSR1, requeue and ramp's launcher on each node)"
             )
     sweeps = [o for o in overrides if o.is_sweep_override()]
+    if any(o.key_or_group == "run.name" for o in sweeps):
+        raise ConfigError(
+            "run.name is swept, but it names the sweep (its folder outputs/<run.name>, Hydra's record, the Slurm "
+            "job name): give it one value, or sweep run.dir with a swept key in it, e.g. 'run.dir=outputs/lr_${optim.lr}'"
+        )
     total = math.prod(len(list(o.sweep_string_iterator())) for o in sweeps) if sweeps else 1
     for override in overrides:
         if override.key_or_group != "run.dir" or override.is_sweep_override() or total < 2:

@@ -101,24 +101,18 @@ def test_a_slurm_sweep_runs_each_point_as_a_job_on_2_ranks_like_a_direct_run(
     tmp_path: Path, cache_dir: Path, slurm: dict[str, str]
 ) -> None:
     env = sweep_env(cache_dir, slurm)
-    # Two points to train, and one that fails on bad input: Hydra reports it once every job has ended.
-    with sweep(tmp_path, env, "sw", [*TINY, "optim.lr=1e-3,2e-3,-1"]) as proc:
+    with sweep(tmp_path, env, "sw", [*TINY, "optim.lr=1e-3,2e-3"]) as proc:
         code = proc.wait(timeout=300)
     logs, submitted = job_logs(tmp_path, "sw"), (tmp_path / "sweep.log").read_text()
-    assert code == 1, submitted[-3000:] + logs[-3000:]
+    assert code == 0, submitted[-3000:] + logs[-3000:]
     # Every point in one line once all have ended, then the sweep: no traceback, no sacct warning per poll.
-    assert (
-        "ramp: error: sweep job 3 of 3 (optim.lr=-1): ramp's launcher exited with status 2; its output is in "
-        in submitted
-    ), submitted[-3000:]
-    assert "ramp | sweep job 1 of 3 (optim.lr=0.001): finished (Slurm job " in submitted
-    assert "ramp | sweep job 2 of 3 (optim.lr=0.002): finished (Slurm job " in submitted
-    assert "ramp | sweep sw: 2 of 3 point(s) finished" in submitted
+    assert "ramp | sweep job 1 of 2 (optim.lr=0.001): finished (Slurm job " in submitted
+    assert "ramp | sweep job 2 of 2 (optim.lr=0.002): finished (Slurm job " in submitted
+    assert "ramp | sweep sw: 2 of 2 point(s) finished" in submitted
     assert "Traceback" not in submitted
     assert submitted.count("sacct") <= 1
-    assert logs.count("ramp: error: optim.lr=-1.0 must be > 0") == 1
-    assert logs.count("launch | node 0 of 1 on ") == 3
-    assert logs.count("2 processes per node") == 3
+    assert logs.count("launch | node 0 of 1 on ") == 2
+    assert logs.count("2 processes per node") == 2
     assert logs.count("world 2 |") == 2
     sweep_dir = tmp_path / "outputs" / "sw"
     for lr, folder in (("1e-3", "optim.lr=0.001"), ("2e-3", "optim.lr=0.002")):
@@ -139,8 +133,41 @@ def test_a_slurm_sweep_runs_each_point_as_a_job_on_2_ranks_like_a_direct_run(
     assert [(job.folder, job.status) for job in sweep_jobs(sweep_dir)] == [
         ("optim.lr=0.001", "finished"),
         ("optim.lr=0.002", "finished"),
-        ("optim.lr=-1", "not run"),
     ]
+
+
+@pytest.mark.timeout(300)
+def test_a_point_that_fails_in_its_job_is_reported_in_one_line_and_a_bad_point_submits_nothing(
+    tmp_path: Path, cache_dir: Path, slurm: dict[str, str]
+) -> None:
+    env = sweep_env(cache_dir, slurm)
+    # A value no check can refuse before the job reads the data: the point fails there.
+    with sweep(tmp_path, env, "gone", [*TINY, "data=text", "data.files=nope.txt"]) as proc:
+        code = proc.wait(timeout=200)
+    logs, submitted = job_logs(tmp_path, "gone"), (tmp_path / "sweep.log").read_text()
+    assert code == 1, submitted[-3000:] + logs[-3000:]
+    assert (
+        "ramp: error: sweep job 1 of 1 (no swept key): ramp's launcher exited with status 2; its output is in "
+        in submitted
+    ), submitted[-3000:]
+    assert "ramp | sweep gone: 0 of 1 point(s) finished" in submitted
+    assert "Traceback" not in submitted
+    assert logs.count("ramp: error: data.files=nope.txt") == 1
+    # A value a check refuses: one line, exit 2, before anything is written or submitted.
+    refused = subprocess.run(
+        [*SWEEP, "run.name=bad", *TINY, "optim.lr=1e-3,-1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [
+        "ramp: error: sweep job 2 of 2 (optim.lr=-1): optim.lr=-1.0 must be > 0 (it is the peak learning rate)"
+    ]
+    assert not (tmp_path / "outputs" / "bad").exists()
 
 
 @pytest.mark.timeout(420)

@@ -138,3 +138,28 @@ def test_launcher_settings_that_work_pass(overrides: list[str]) -> None:
     launcher_check("-m", "hydra/launcher=ramp_slurm", *overrides, "optim.lr=1e-3,2e-3")
     # Each also composes: the check lets through only what Hydra takes.
     composed(["hydra/launcher=ramp_slurm", *overrides])
+
+
+def test_each_points_configuration_is_checked_with_the_jobs_world_size_before_submitting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RAMP_NPROC_PER_NODE", "2")
+    with pytest.raises(ConfigError, match=r"^sweep job 2 of 2 \(optim.lr=-1\): optim.lr=-1.0 must be > 0"):
+        launcher_check("-m", "hydra/launcher=ramp_slurm", "optim.lr=1e-3,-1")
+    # 2 nodes x 2 ranks x micro-batch 2: a batch of 12 sequences is no whole number of micro-batches on 4 ranks.
+    ramp = ("train.micro_batch_size=2", "train.max_steps=10")
+    with pytest.raises(ConfigError, match=r"train\.batch_schedule"):
+        launcher_check(
+            "-m", "hydra/launcher=ramp_slurm", "hydra.launcher.nodes=2", *ramp, "train.batch_schedule=0:12"
+        )
+    launcher_check(
+        "-m", "hydra/launcher=ramp_slurm", "hydra.launcher.nodes=1", *ramp, "train.batch_schedule=0:12"
+    )
+    monkeypatch.setenv("RAMP_NPROC_PER_NODE", "abc")
+    with pytest.raises(ConfigError, match="RAMP_NPROC_PER_NODE=abc is not a number of processes"):
+        launcher_check("-m", "hydra/launcher=ramp_slurm", "optim.lr=1e-3")
+
+
+def test_a_swept_run_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"run\.name is swept, but it names the sweep"):
+        launcher_check("-m", "run.name=a,b", "optim.lr=1e-3")

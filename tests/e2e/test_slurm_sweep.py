@@ -201,7 +201,7 @@ def test_a_point_signalled_before_its_time_limit_saves_requeues_and_resumes_exac
             timeout=120,
             check=False,
         )
-        assert again.returncode == 1, again.stderr[-3000:]
+        assert again.returncode == 2, again.stderr[-3000:]
         assert again.stderr.strip().splitlines()[-1] == (
             f"ramp: error: 1 Slurm job(s) of sweep pre are still queued or running ({running[0]}), and would "
             "train the same run folders; wait for them to end or cancel them (scancel --name=pre), then run "

@@ -340,14 +340,16 @@ def checkpoint_meta(step: int, backend: str = "ddp") -> dict[str, Any]:
     }
 
 
-def save_checkpoint(root: Path, step: int, backend: Any, info: Any, keep: int = 3) -> Path:
+def save_checkpoint(
+    root: Path, step: int, backend: Any, info: Any, keep: int = 3, protect: tuple[int, ...] = ()
+) -> Path:
     """``checkpoint.save`` of ``backend`` as global step ``step`` under ``root``, as the loop calls it."""
     import torch
 
     from trainer import checkpoint
 
     meter = {"loss_sum": torch.tensor(3.0 * step, dtype=torch.float64), "tokens": 64 * step, "steps": step}
-    return checkpoint.save(root, step, info, backend, checkpoint_meta(step), {"meter": meter}, keep)
+    return checkpoint.save(root, step, info, backend, checkpoint_meta(step), {"meter": meter}, keep, protect)
 
 
 def tiny_trainer(config: Any, info: Any, run_dir: Path) -> tuple[Any, Any]:

@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import zlib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +142,11 @@ def save(
     meta: dict[str, Any],
     rank_state: dict[str, Any],
     keep: int,
+    protect: Collection[int] = (),
 ) -> Path:
-    """Save step ``step`` collectively (every rank calls this); returns the checkpoint's path."""
+    """Save step ``step`` collectively (every rank calls this); returns the checkpoint's path. The newest
+    ``keep`` complete checkpoints stay, and those of the steps in ``protect`` (read by a background
+    evaluation) until a later save finds them unprotected."""
     final = root / f"{PREFIX}{step}"
     staging = root / f"{TMP_PREFIX}{PREFIX}{step}"
     if info.is_main:
@@ -168,7 +172,8 @@ def save(
         os.replace(root / f"{TMP_PREFIX}{LATEST}", root / LATEST)
         _fsync_dir(root)
         for old in complete_checkpoints(root)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+            if step_of(old) not in protect:
+                shutil.rmtree(old, ignore_errors=True)
     distributed.barrier(info)
     return final
 

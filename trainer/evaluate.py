@@ -221,6 +221,11 @@ class BackgroundEvals:
         self.run_dir, self.is_main = run_dir, is_main
         self.pending: list[Pending] = []
 
+    def steps(self) -> set[int]:
+        """The global steps of the checkpoints evaluations still running read (rank 0; empty elsewhere)."""
+        self.report()
+        return {p.step for p in self.pending}
+
     def due(self, step: int, end_step: int) -> bool:
         """Whether the checkpoint of global step ``step`` is evaluated: every ``lm_eval_every`` and the end."""
         return self.every > 0 and (step % self.every == 0 or step == end_step)

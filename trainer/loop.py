@@ -385,7 +385,10 @@ class Trainer:
         root = self.run_dir / "checkpoints"
         keep = self.cfg.train.keep_checkpoints
         rank_state = {"meter": self.meter.state_dict()}
-        path = checkpoint.save(root, state.global_step, self.info, self.backend, meta, rank_state, keep)
+        reading = self.lm_evals.steps()  # checkpoints a background evaluation still reads: not pruned yet
+        path = checkpoint.save(
+            root, state.global_step, self.info, self.backend, meta, rank_state, keep, reading
+        )
         if self.lm_evals.due(state.global_step, self.end_step):
             self.lm_evals.start(path, state.global_step)
         return path

@@ -36,6 +36,16 @@ def test_only_the_newest_are_kept(tmp_path: Path, ddp_backend: DDPBackend, alone
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_10", "step_8", "step_6"]
 
 
+def test_a_checkpoint_a_background_evaluation_reads_outlives_its_turn_until_it_is_done(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    save(tmp_path, 2, ddp_backend, alone, keep=1)
+    save(tmp_path, 4, ddp_backend, alone, keep=1, protect=(2,))  # step 2 still being evaluated
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_4", "step_2"]
+    save(tmp_path, 6, ddp_backend, alone, keep=1)  # its evaluation is done: pruned with the rest
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_6"]
+
+
 def test_a_partial_save_is_never_picked_and_is_cleaned_up(
     tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
 ) -> None:

@@ -75,8 +75,12 @@ def task_manager(tasks: list[str], include: list[Path]) -> Any:
     Raises:
         ConfigError: a task name it does not know, or no task at all.
     """
-    from lm_eval.tasks import TaskManager
-
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError(
+            "lm-eval is not installed; install ramp's eval extra: pip install -e '.[eval]' (make venv installs it)"
+        ) from None
     if not tasks:
         raise ConfigError("--tasks is empty; name one or more tasks, e.g. --tasks ramp_tiny")
     manager = TaskManager(include_path=[str(folder) for folder in [TASKS_DIR, *include]])
@@ -183,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in record.items():
         if key != "step":
             print(f"ramp | {where} | {key} {value}")  # in full: the value recorded
-    if target.run_dir is not None:
+    if target.run_dir is not None and args.limit is not None:  # a partial score is no record of the run
+        print(f"ramp | --limit {args.limit}: a partial evaluation, not recorded in the run's metrics.jsonl")
+    elif target.run_dir is not None:
         print(f"ramp | appended to {append_to_run(target.run_dir, record)} at step {target.step}")
     return 0
 

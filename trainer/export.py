@@ -234,6 +234,8 @@ def export(checkpoint: Path, out_dir: Path, dtype: str = "fp32") -> Start:
     """
     from trainer.model_card import write_model_card
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"OUT_DIR {out_dir} is a file; choose a new folder (nothing was overwritten)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"OUT_DIR {out_dir} is not empty; choose a new folder (nothing was overwritten)")
     folder = find_checkpoint(checkpoint)

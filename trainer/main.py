@@ -119,6 +119,10 @@ def train(dcfg: DictConfig, last: bool = True) -> Outcome:
     """
     started = time.monotonic()
     cfg = to_config(dcfg)
+    if cfg.train.lm_eval_every:  # an unknown task: now, not after the first checkpoint's evaluation
+        from trainer.evaluate import task_manager
+
+        task_manager(list(cfg.train.lm_eval_tasks), [])
     plan = resume.plan(cfg)
     info = distributed.setup(cfg.train.threads)
     setup_logging(info.rank)

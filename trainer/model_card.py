@@ -101,13 +101,19 @@ def card_rows(start: Start, hf_config: Any, parameters: int, dtype: str) -> list
 
 def main_settings(tree: dict[str, Any]) -> str:
     """The run's main settings as ``trainer.main`` overrides (the full config is :data:`CONFIG`)."""
-    train = tree.get("train", {})
+    train, data = tree.get("train", {}), tree.get("data", {})
+    files = data.get("files")
     parts = [
         f"model={tree.get('model', {}).get('name')}",
-        f"data={tree.get('data', {}).get('source')}",
-        f"data.tokenizer={tree.get('data', {}).get('tokenizer')}",
+        f"data={data.get('source')}",
+        f"data.files={files if isinstance(files, str) or files is None else '[' + ','.join(map(str, files)) + ']'}",
+        f"data.path={data.get('path')}",
+        f"data.tokenizer={data.get('tokenizer')}",
+        f"data.vocab_size={data.get('vocab_size') if data.get('tokenizer') == 'train' else None}",
+        f"data.sample_by={data.get('sample_by') if data.get('sample_by') not in (None, 'document') else None}",
         f"schedule={tree.get('schedule', {}).get('name')}",
         f"optim.lr={tree.get('optim', {}).get('lr')}",
+        f"train.max_steps={train.get('max_steps')}",
         f"train.seq_len={train.get('seq_len')}",
         f"train.micro_batch_size={train.get('micro_batch_size')}",
     ]

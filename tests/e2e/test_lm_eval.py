@@ -176,6 +176,22 @@ def test_a_bad_path_or_task_is_one_line_and_exit_2(
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_an_unknown_in_training_task_is_refused_at_start_up_and_a_partial_score_is_not_recorded(
+    runs: dict[str, Any],
+) -> None:
+    cwd, cache = runs["cwd"], runs["cache"]
+    bad = [*RUN, "train.lm_eval_every=2", "train.lm_eval_tasks=[no_such_task]", "run.name=bad"]
+    result = run_ramp(bad, cwd=cwd, cache_dir=cache, nproc=0, timeout=200)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("ramp: error: unknown lm-eval task no_such_task")
+    assert not (cwd / "outputs" / "bad").exists()
+    before = (runs["run"]["plain"] / "metrics.jsonl").read_text()
+    partial = evaluate(["outputs/plain", "--tasks", "ramp_tiny", "--limit", "4"], cwd, cache)
+    assert partial.returncode == 0, partial.stderr
+    assert "a partial evaluation, not recorded" in partial.stdout
+    assert (runs["run"]["plain"] / "metrics.jsonl").read_text() == before
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

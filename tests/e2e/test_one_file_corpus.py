@@ -51,8 +51,11 @@ def test_the_one_file_command_from_the_issue_trains_and_logs_val_loss(tmp_path: 
     assert [e["step"] for e in evals] == [6, 12]
     meta = cache_meta(cache, "data.files=corpus.txt")
     assert meta["val_split"] == "tokens"
-    total = meta["tokens"]["train"] + meta["tokens"]["val"]  # each part ends in its own end-of-document token
-    assert meta["tokens"]["val"] - 1 == -(-(total - 2) * 1 // 100)  # ceil(1% of the document's tokens)
+    total = (
+        meta["tokens"]["train"] + meta["tokens"]["val"]
+    )  # the document's tokens and its end-of-document one
+    assert meta["tokens"]["val"] - 1 == -(-(total - 1) * 1 // 100)  # ceil(1% of the document's tokens)
+    assert meta["documents"] == {"train": 1, "val": 0}
 
 
 @pytest.mark.parametrize("sample_by", ["paragraph", "line"])

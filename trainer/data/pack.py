@@ -134,6 +134,13 @@ class SplitWriter:
         self.tokens += len(packed)
         self.documents += len(documents)
 
+    def add_head(self, tokens: np.ndarray) -> None:
+        """Append the first part of a document that continues in the other split: no end-of-document token
+        (the document does not end here), and it counts as that document."""
+        self.handle.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self.tokens += len(tokens)
+        self.documents += 1
+
     def drop_last(self, document: np.ndarray) -> None:
         """Remove the last document added (it must be ``document``)."""
         self.tokens -= len(document) + 1
@@ -177,18 +184,50 @@ def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, n
     return tokens[: len(tokens) - held], tokens[len(tokens) - held :]
 
 
+def _rebalance(
+    train: SplitWriter,
+    val: SplitWriter,
+    last_train: np.ndarray | None,
+    last_val: np.ndarray | None,
+    val_fraction: float,
+) -> str:
+    """Give both splits text where the hash left one empty; the rule used (a key of :data:`VAL_RULES`)."""
+    if train.documents + val.documents == 1:  # one document: split by tokens
+        writer, document = (train, last_train) if train.documents else (val, last_val)
+        if document is None or len(document) < 2:
+            return "documents"
+        writer.drop_last(document)
+        head, tail = split_tokens(document, val_fraction)
+        train.add_head(head)
+        val.add([tail])
+        val.documents -= 1  # the same document, counted once
+        return "tokens"
+    if val.documents == 0 and last_train is not None:
+        train.drop_last(last_train)
+        val.add([last_train])
+        return "last document"
+    if train.documents == 0 and last_val is not None:
+        val.drop_last(last_val)
+        train.add([last_val])
+        return "documents"
+    return "documents"
+
+
 def pack(source: Source, tokenizer: Tokenizer, val_fraction: float, folder: Path, num_proc: int) -> PackStats:
     """Write ``folder/train.bin`` and ``folder/val.bin``; empty documents are skipped.
 
     When the hash holds out no document (a tiny corpus), the last training document moves to
-    validation, so any corpus of two documents or more has a validation slice; a corpus of one document
-    (one .txt file) is held out by tokens instead (:func:`split_tokens`).
+    validation, and when it holds out every document, the last one moves to training, so any corpus of
+    two documents or more has both slices; a corpus of one document (one .txt file) is split by tokens
+    instead (:func:`split_tokens`): its head trains, its tail (ending in the end-of-document token)
+    validates, and it counts as one document.
 
     Raises:
         ConfigError: the source holds no non-empty document.
     """
     dtype = token_dtype(tokenizer.vocab_size)
     last_train: np.ndarray | None = None
+    last_val: np.ndarray | None = None
     with (
         SplitWriter(folder / "train.bin", dtype, tokenizer.eos_id) as train,
         SplitWriter(folder / "val.bin", dtype, tokenizer.eos_id) as val,
@@ -201,19 +240,9 @@ def pack(source: Source, tokenizer: Tokenizer, val_fraction: float, folder: Path
                     (to_val if is_val else to_train).append(tokens)
             train.add(to_train)
             val.add(to_val)
-            if to_train:
-                last_train = to_train[-1]
-        rule = "documents"
-        if val.documents == 0 and train.documents >= 2 and last_train is not None:
-            train.drop_last(last_train)
-            val.add([last_train])
-            rule = "last document"
-        elif val.documents == 0 and train.documents == 1 and last_train is not None and len(last_train) >= 2:
-            train.drop_last(last_train)
-            head, tail = split_tokens(last_train, val_fraction)
-            train.add([head])
-            val.add([tail])
-            rule = "tokens"
+            last_train = to_train[-1] if to_train else last_train
+            last_val = to_val[-1] if to_val else last_val
+        rule = _rebalance(train, val, last_train, last_val, val_fraction)
     if train.documents + val.documents == 0:
         raise ConfigError(f"{source.describe} holds no text (no non-empty document); point it at your corpus")
     return PackStats(

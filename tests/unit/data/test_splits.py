@@ -11,7 +11,7 @@ import pytest
 
 from trainer.config import HFData, TextData, compose
 from trainer.data import prepare
-from trainer.data.pack import split_tokens
+from trainer.data.pack import is_validation, split_tokens
 from trainer.data.sources import HFSource, split_text
 from trainer.data.store import cache_key
 from trainer.errors import ConfigError
@@ -27,17 +27,42 @@ def test_one_document_is_split_as_nanogpt_splits_its_file(count: int, fraction: 
     assert np.array_equal(np.concatenate([train, val]), tokens)
 
 
-def test_a_one_file_corpus_holds_out_its_last_tokens(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hashed_into", ["train", "val"])
+def test_a_one_file_corpus_holds_out_its_last_tokens(hashed_into: str, tmp_path: Path) -> None:
+    """Wherever the hash puts the one document, its head trains and its tail validates; the split point
+    gets no end-of-document token (the document goes on), its end does."""
     text = b"".join(b"line %d of one document\n" % i for i in range(500))
+    suffix = 0  # a text the hash sends where this case wants it (deterministic: the first such suffix)
+    while is_validation(text + b"%d" % suffix, 0.05) != (hashed_into == "val"):
+        suffix += 1
+    text += b"%d" % suffix
     (tmp_path / "book.txt").write_bytes(text)
     cfg = TextData(files=str(tmp_path / "book.txt"), cache_dir=str(tmp_path / "cache"), val_fraction=0.05)
     _, build_entry, _ = prepare(cfg)
     files = build_entry()
     held = -(-len(text) * 5 // 100)  # bytes: one token a byte
     assert files.meta["val_split"] == "tokens"
+    assert files.meta["documents"] == {"train": 1, "val": 0}
+    assert bytes(files.tokens("train").astype(np.uint8)) == text[:-held]
     assert bytes(files.tokens("val")[:-1].astype(np.uint8)) == text[-held:]
-    assert bytes(files.tokens("train")[:-1].astype(np.uint8)) == text[:-held]
-    assert files.tokens("train")[-1] == files.tokens("val")[-1] == files.meta["eos_id"]
+    assert files.tokens("val")[-1] == files.meta["eos_id"]
+
+
+def test_a_corpus_the_hash_sends_wholly_to_validation_keeps_a_document_to_train(tmp_path: Path) -> None:
+    texts: list[bytes] = []
+    i = 0
+    while len(texts) < 3:  # three documents the hash holds out at data.val_fraction=0.05
+        candidate = b"document number %d, held out\n" % i * 20
+        if is_validation(candidate, 0.05):
+            texts.append(candidate)
+        i += 1
+    for n, text in enumerate(texts):
+        (tmp_path / f"{n}.txt").write_bytes(text)
+    cfg = TextData(files=str(tmp_path / "*.txt"), cache_dir=str(tmp_path / "cache"), val_fraction=0.05)
+    _, build_entry, _ = prepare(cfg)
+    files = build_entry()
+    assert files.meta["documents"] == {"train": 1, "val": 2}
+    assert bytes(files.tokens("train")[:-1].astype(np.uint8)) == texts[-1]
 
 
 @pytest.mark.parametrize(

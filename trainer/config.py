@@ -37,7 +37,7 @@ from trainer.durations import (
 )
 from trainer.errors import ConfigError
 from trainer.overrides import ConfigShape, command_overrides
-from trainer.schedules import SCHEDULES, Schedule, ScheduleConfig, branch_schedule, build_schedule
+from trainer.schedules import SCHEDULES, SHAPES, Schedule, ScheduleConfig, branch_schedule, build_schedule
 from trainer.schema import MISSING, OnResume, on_resume, setting
 
 if typing.TYPE_CHECKING:
@@ -244,7 +244,7 @@ class BranchConfig:
     data position, global step) into a new run folder, follows the schedule up to that step, then decays
     from the LR in effect there to a floor."""
 
-    checkpoint: str | None = setting(None, on_resume=OnResume.changes_math)
+    checkpoint: str | None = setting(None, on_resume=OnResume.refused)
     """The checkpoint to branch off (a checkpoints/step_<N> folder of any run); its folder is never written."""
     decay_steps: int | None = setting(None, on_resume=OnResume.changes_math)
     """The decay's length in steps after the branch step; the run ends there."""
@@ -874,7 +874,7 @@ class Config:
             decay=decay,
             decay_type=self.branch.decay_type,
             min_lr_ratio=self.branch.min_lr_ratio,
-            decay_keys=dict(self.branch.decay_keys),
+            decay_keys={**preset_keys(self.branch.decay_type), **self.branch.decay_keys},
         )
 
     def stop_step(self, clock: Clock) -> int | None:
@@ -963,6 +963,25 @@ def resume_facts(tree: dict[str, Any]) -> dict[str, OnResume]:
             schema = schema_of(group, node)
             facts.update({key: on_resume(f) for key, f in declared_keys(schema, f"{group}.")})
     return facts
+
+
+def preset_keys(name: str) -> dict[str, Any]:
+    """The schedule-specific keys ``conf/schedule/<name>.yaml`` sets (the preset a user picks with
+    schedule=<name>: cosine_with_restarts' num_cycles=2, ...), for a branch's registry tail; none for a
+    WSD shape or a name that is no preset. Warmup keys are left out: a tail has no warmup."""
+    if name in SHAPES or name not in SCHEDULES:
+        return {}
+    preset = conf_dir() / "schedule" / f"{name}.yaml"
+    if not preset.is_file():
+        return {}
+    import yaml
+
+    common = {f.name for f in fields(ScheduleConfig)}
+    return {
+        k: v
+        for k, v in (yaml.safe_load(preset.read_text()) or {}).items()
+        if k != "defaults" and k not in common
+    }
 
 
 def conf_dir() -> Path:

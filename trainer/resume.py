@@ -361,6 +361,7 @@ def accept(start: Start, current: dict[str, Any], default_folder: bool = False) 
     """
     changes = config_changes(start.meta.config, current)
     if start.branching:  # the branch keys are the branch itself, not a change of the parent's settings
+        _refuse_a_branch_of_a_branch(start)
         changes = [change for change in changes if not change.key.startswith("branch.")]
         _refuse_a_different_curve(start, changes)
     elif default_folder:
@@ -401,6 +402,21 @@ def _refuse_another_experiment(start: Start, changes: list[Change], name: str) -
         f"run.name: the default run folder {start.path.parent.parent} holds another experiment ({first.key} is "
         f"{first.old} there, {first.new} here{more}); give this one its own run.name=NAME{way}"
     )
+
+
+def _refuse_a_branch_of_a_branch(start: Start) -> None:
+    """A branch's own checkpoints trained on its decay, which a branch of them would not follow.
+
+    Raises:
+        ConfigError: the checkpoint's run was itself a branch, naming the run it came from.
+    """
+    grandparent = (start.meta.config.get("branch") or {}).get("checkpoint")
+    if grandparent is not None:
+        raise ConfigError(
+            f"branch.checkpoint={start.path} is a checkpoint of a branch (of {grandparent}): after its branch "
+            "step it trained on that branch's decay, which a new branch would not start from; branch off a "
+            "checkpoint of the run it came from"
+        )
 
 
 CURVE_KEYS = ("train.max_steps", "train.max_tokens", "train.max_samples", "train.epochs", "optim.lr")

@@ -844,7 +844,8 @@ def branch_schedule(
     the decay.
 
     Raises:
-        ConfigError: ``at_step`` beyond ``base``'s run, or a decay :func:`decay_tail` refuses.
+        ConfigError: ``at_step`` beyond ``base``'s run, a floor above the LR at ``at_step``, or a decay
+            :func:`decay_tail` refuses.
     """
     tail = decay_tail(decay_type, decay, dict(decay_keys or {}), base.peak_lr)
     _check(
@@ -855,6 +856,12 @@ def branch_schedule(
     clock = base.clock
     at = at_step if clock is None else clock.clock(at_step)
     end = at + decay if clock is None else clock.steps_until(at + decay)
+    start = base.multiplier_fn(at)
+    _check(
+        min_lr_ratio <= start,
+        f"branch.min_lr_ratio={min_lr_ratio:g} is above the LR at the branch step {at_step} ({start:.4g} x "
+        f"optim.lr): the decay would rise; give a floor of at most {start:.4g}",
+    )
     multiplier = partial(
         branched,
         base=base.multiplier_fn,

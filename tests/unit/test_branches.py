@@ -88,6 +88,9 @@ def hf_lambdas(name: str, total: int, **kwargs: object) -> list[float]:
         ("polynomial", {"power": 2.0, "lr_end": 1e-6}, ("polynomial_decay", {"power": 2.0, "lr_end": 1e-6})),
         ("cosine_with_min_lr", {"min_lr_rate": 0.1}, ("cosine_with_min_lr", {"min_lr_rate": 0.1})),
         ("linear", {}, ("linear", {})),
+        # No keys: the preset's (conf/schedule/<name>.yaml), as schedule=<name> would take them.
+        ("cosine_with_restarts", {}, ("cosine_with_hard_restarts", {"num_cycles": 2})),
+        ("cosine_with_min_lr", {}, ("cosine_with_min_lr", {"min_lr_rate": 0.1})),
         ("cosine", {}, ("cosine", {})),
     ],
 )
@@ -287,3 +290,13 @@ def test_a_start_from_weights_that_cannot_be_is_refused(
     with pytest.raises(ConfigError) as excinfo:
         compose([o.replace("CKPT", str(parent)) for o in overrides])
     assert needle in str(excinfo.value)
+
+
+def test_a_floor_above_the_lr_at_the_branch_step_is_refused(tmp_path: Path) -> None:
+    """Off a cosine's step 90 of 100 (about 2.4% of the peak), a floor of 0.5 would make the decay rise."""
+    parent = fake_checkpoint(tmp_path, 90)
+    with pytest.raises(ConfigError, match=r"branch\.min_lr_ratio=0\.5 is above the LR at the branch step 90"):
+        compose(
+            [*COMMON, "schedule=cosine", "train.max_steps=100", "schedule.warmup_steps=10",
+             f"branch.checkpoint={parent}", "branch.decay_steps=5", "branch.min_lr_ratio=0.5"]
+        ).schedule_for(1)  # fmt: skip

@@ -354,3 +354,30 @@ def test_a_folder_killed_before_its_first_checkpoint_is_started_over_by_the_same
     assert _plan(tmp_path, "train.log_every=1") == resume.RunPlan(run_dir, starting_over=True)
     with pytest.raises(ConfigError, match="another run"):
         _plan(tmp_path, "optim.lr=1e-3")
+
+
+def test_a_branch_command_never_resumes_a_run_that_is_not_that_branch(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    """A run folder holding another run (no branch, or a branch of another checkpoint) is not continued
+    as if it were the branch: branch.checkpoint cannot change on resume."""
+    parent = tmp_path / "parent" / "checkpoints" / "step_1"
+    other = with_config(save_checkpoint(tmp_path / "other", 1, ddp_backend, alone))
+    branch = [f"branch.checkpoint={parent}", "branch.decay_steps=4"]
+    parent.mkdir(parents=True)
+    (parent / "meta.json").write_text(json.dumps({"step": 1}))
+    with pytest.raises(ConfigError, match=r"^run\.resume: branch\.checkpoint is None in "):
+        resume.accept(other, compose(branch).to_dict())
+
+
+def test_a_branch_of_a_branch_is_refused_naming_the_run_it_came_from(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    grandparent = tmp_path / "stable" / "checkpoints" / "step_1"
+    grandparent.mkdir(parents=True)
+    (grandparent / "meta.json").write_text(json.dumps({"step": 1}))
+    was_branch = [f"branch.checkpoint={grandparent}", "branch.decay_steps=4"]
+    saved = with_config(save_checkpoint(tmp_path / "cool", 1, ddp_backend, alone), *was_branch)
+    start = resume.Start(saved.path, saved.meta, branching=True)
+    with pytest.raises(ConfigError, match=f"is a checkpoint of a branch \\(of {grandparent}\\)"):
+        resume.accept(start, compose([f"branch.checkpoint={saved.path}", "branch.decay_steps=2"]).to_dict())

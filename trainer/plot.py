@@ -4,7 +4,7 @@
 Reads ``RUN_DIR/metrics.jsonl`` (each step once, a resumed run included) and writes
 ``RUN_DIR/metrics.png``: training and validation loss on top, the learning rate below, on one
 shared axis of optimizer steps. Given several run folders (a parent and its branches, see
-``branch.*``), it overlays them into ``<first RUN_DIR>/branches.png``: loss and val_loss on top, lr
+``branch.*``), it overlays them into ``<last RUN_DIR>/branches.png`` (a branch's folder, never its parent's): loss and val_loss on top, lr
 below, against the global step (left) and against tokens (right), one colour per run. Given a sweep's
 folder (``--sweep outputs/<sweep name>``, see :mod:`trainer.sweep`), it prints every job's final and
 best validation loss, steps and status, best first, and writes ``sweep.png``: the loss curves coloured
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> Figure:
         "--out",
         type=Path,
         default=None,
-        help="PNG path (default: RUN_DIR/metrics.png, or branches.png for several)",
+        help="PNG path (default: RUN_DIR/metrics.png, or the last RUN_DIR's branches.png for several)",
     )
     args = parser.parse_args(argv)
     if args.sweep is not None:
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> Figure:
             train.insert(0, joined)
     if len(runs) > 1:
         figure = overlay(runs)
-        out = args.out or first / "branches.png"
+        out = args.out or args.run_dirs[-1] / "branches.png"  # the last one: a parent is never written
     else:
         name, train, evals = runs[0]
         history = starts(first)

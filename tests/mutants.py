@@ -435,6 +435,34 @@ MUTANTS = [
             f"{E2E}/test_slurm_sweep.py::test_a_point_signalled_before_its_time_limit_saves_requeues_and_resumes_exactly",
         ),
     ),
+    Mutant(
+        "a one-document corpus not split by tokens (no validation slice from one text file)",
+        "trainer/data/pack.py",
+        "    if train.documents + val.documents == 1:  # one document: split by tokens\n",
+        "    if False:  # one document: split by tokens\n",
+        (f"{UNIT}/data/test_splits.py",),
+    ),
+    Mutant(
+        "a branch command resumes whatever run its folder holds (branch.checkpoint may change on resume)",
+        "trainer/config.py",
+        "    checkpoint: str | None = setting(None, on_resume=OnResume.refused)",
+        "    checkpoint: str | None = setting(None, on_resume=OnResume.changes_math)",
+        (f"{UNIT}/test_resume.py",),
+    ),
+    Mutant(
+        "a branch's registry tail ignores its preset's keys",
+        "trainer/config.py",
+        "            decay_keys={**preset_keys(self.branch.decay_type), **self.branch.decay_keys},",
+        "            decay_keys=dict(self.branch.decay_keys),",
+        (f"{UNIT}/test_branches.py",),
+    ),
+    Mutant(
+        "a Slurm sweep's points submitted unchecked",
+        "trainer/slurm_sweep.py",
+        "    _check_points(overrides, given, ours)\n",
+        "",
+        (f"{UNIT}/test_slurm_sweep.py",),
+    ),
 ]
 
 

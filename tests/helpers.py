@@ -349,7 +349,9 @@ def save_checkpoint(
     from trainer import checkpoint
 
     meter = {"loss_sum": torch.tensor(3.0 * step, dtype=torch.float64), "tokens": 64 * step, "steps": step}
-    return checkpoint.save(root, step, info, backend, checkpoint_meta(step), {"meter": meter}, keep, protect)
+    return checkpoint.save(
+        root, step, info, backend, checkpoint_meta(step), {"meter": meter}, keep, protect
+    ).path
 
 
 def tiny_trainer(config: Any, info: Any, run_dir: Path) -> tuple[Any, Any]:
@@ -418,10 +420,20 @@ def deepspeed_param_groups(step_dir: Path) -> list[dict[str, Any]]:
 
 def ddp_param_groups(step_dir: Path) -> list[dict[str, Any]]:
     """The optimizer's parameter groups as a DDP checkpoint saved them."""
-    import torch
 
-    groups: list[dict[str, Any]] = torch.load(step_dir / "optimizer.pt", weights_only=True)["param_groups"]
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    groups: list[dict[str, Any]] = _load_state_dict_from_keys(
+        keys={"optim"}, checkpoint_id=str(step_dir / "dcp")
+    )["optim"]["param_groups"]
     return groups
+
+
+def checkpoint_weights(step_dir: Path) -> dict[str, Any]:
+    """The full weights of a DDP or FSDP2 checkpoint (DCP, any rank count), by parameter name, on the CPU."""
+    from trainer.backends.state import full_model_state
+
+    return full_model_state(step_dir)
 
 
 def kill_when(

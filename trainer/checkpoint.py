@@ -3,8 +3,9 @@
 Layout under ``run.dir/checkpoints/``::
 
     step_<N>/          a complete checkpoint: only a finished save carries this name
-      model.pt         weights and optimizer state, written by the backend (see trainer.backends);
-      optimizer.pt     backend=deepspeed writes its engine's files into deepspeed/ instead
+      dcp/             weights and optimizer state, written by the backend through DCP, every rank its
+                       part (see trainer.backends.state); backend=deepspeed writes its engine's files
+                       into deepspeed/ instead
       rank_<r>.pt      each rank's RNG states and its unreduced metrics of the open log interval
       meta.json        written last: global step, tokens, sampler position, world size, the resolved
                        config, and the CRC-32 of every other file (sub-folders included)
@@ -12,7 +13,8 @@ Layout under ``run.dir/checkpoints/``::
     .tmp-step_<N>/     a save in progress: never read, removed by the next run
 
 A save writes everything into the temporary folder, flushes it to disk, renames it into place and
-only then points ``latest`` at it, so a kill at any moment leaves the previous checkpoint whole.
+only then points ``latest`` at it, so a kill at any moment leaves the previous checkpoint whole. A
+background save (``train.ckpt_async``) does the same once its write has finished (:class:`Saving`).
 Loading uses ``torch.load(weights_only=True)``: a checkpoint can never execute code. Which
 checkpoint a run starts from, the typed reader of ``meta.json`` and what a resume restores live in
 :mod:`trainer.resume`.
@@ -27,6 +29,7 @@ import random
 import shutil
 import zlib
 from collections.abc import Collection
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,8 @@ from trainer.distributed import DistInfo
 
 log = logging.getLogger("ramp")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: DDP and FSDP2 write DCP's ``dcp/`` folder; 1 (still loaded): DDP's ``model.pt`` and ``optimizer.pt``."""
 META = "meta.json"
 LATEST = "latest"
 PREFIX = "step_"
@@ -134,6 +138,63 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Saving:
+    """A checkpoint being saved: complete once its files are written, checksummed, renamed into place and
+    ``latest`` points at it (:meth:`complete`). A synchronous save is complete when :func:`save` returns;
+    a background one (``train.ckpt_async``) when its write has finished and rank 0 has completed it.
+
+    Completing is rank 0's file work alone: DCP's coordinator (rank 0) finishes a save only after every
+    rank's write is done, so rank 0's finished write means every rank's is.
+    """
+
+    def __init__(self, root: Path, step: int, info: DistInfo, meta: dict[str, Any], keep: int) -> None:
+        self.root, self.step, self.info, self.meta, self.keep = root, step, info, meta, keep
+        self.path = root / f"{PREFIX}{step}"
+        """The checkpoint's folder once complete."""
+        self.staging = root / f"{TMP_PREFIX}{PREFIX}{step}"
+        self.write: Future[Any] | None = None
+        """The backend's background write, None once it is waited on (or for a synchronous save)."""
+        self.completed = False
+
+    def done(self) -> bool:
+        """Whether the background write (if any) has finished: :meth:`complete` then does not wait."""
+        return self.write is None or self.write.done()
+
+    def complete(self, protect: Collection[int] = ()) -> Path:
+        """Wait for this rank's background write (raising what it raised), then on rank 0 checksum the files,
+        write ``meta.json``, rename the folder into place, point ``latest`` at it and prune: the newest
+        ``keep`` complete checkpoints stay, and those of the steps in ``protect`` (read by a background
+        evaluation). Idempotent; not collective. Returns the checkpoint's path."""
+        if self.write is not None:
+            self.write.result()
+            self.write = None
+        if self.info.is_main and not self.completed:
+            _finalize(self.staging, self.path, self.root, {**self.meta, "world_size": self.info.world_size})
+            for old in complete_checkpoints(self.root)[self.keep :]:
+                if step_of(old) not in protect:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.completed = True
+        return self.path
+
+
+def _finalize(staging: Path, final: Path, root: Path, meta: dict[str, Any]) -> None:
+    """Checksum every file (backends may write sub-folders: keys are paths relative to the checkpoint),
+    write ``meta.json`` last, rename the folder into place and point ``latest`` at it, each flushed."""
+    files = {
+        p.relative_to(staging).as_posix(): checksum(p) for p in sorted(staging.rglob("*")) if p.is_file()
+    }
+    meta = {**meta, "format": FORMAT_VERSION, "step": step_of(final), "files": files}
+    write_durably(staging / META, json.dumps(meta, indent=1).encode())
+    _fsync_dir(staging)
+    if final.exists():  # a save of the same step (e.g. a preemption right after the last save)
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    _fsync_dir(root)
+    write_durably(root / f"{TMP_PREFIX}{LATEST}", final.name.encode())
+    os.replace(root / f"{TMP_PREFIX}{LATEST}", root / LATEST)
+    _fsync_dir(root)
+
+
 def save(
     root: Path,
     step: int,
@@ -143,39 +204,32 @@ def save(
     rank_state: dict[str, Any],
     keep: int,
     protect: Collection[int] = (),
-) -> Path:
-    """Save step ``step`` collectively (every rank calls this); returns the checkpoint's path. The newest
-    ``keep`` complete checkpoints stay, and those of the steps in ``protect`` (read by a background
-    evaluation) until a later save finds them unprotected."""
-    final = root / f"{PREFIX}{step}"
-    staging = root / f"{TMP_PREFIX}{PREFIX}{step}"
+    background: bool = False,
+) -> Saving:
+    """Save step ``step`` collectively (every rank calls this).
+
+    Args:
+        keep: complete checkpoints kept (the newest); older ones are pruned once this one is complete.
+        protect: steps whose checkpoints stay anyway (a background evaluation reads them).
+        background: the backend writes its state in the background (``train.ckpt_async``): the returned
+            save is complete only after :meth:`Saving.complete`; a kill before that leaves the previous
+            checkpoint in force.
+
+    Returns:
+        The save: complete already unless ``background``.
+    """
+    saving = Saving(root, step, info, meta, keep)
     if info.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        shutil.rmtree(saving.staging, ignore_errors=True)
+        saving.staging.mkdir(parents=True)
     distributed.barrier(info)
-    torch_save_durably({**rank_state, "rng": rng_state()}, staging / f"rank_{info.rank}.pt")
-    backend.save(staging, info)
-    distributed.barrier(info)
-    if info.is_main:
-        # Backends may write sub-folders (DeepSpeed does): keys are paths relative to the checkpoint.
-        files = {
-            p.relative_to(staging).as_posix(): checksum(p) for p in sorted(staging.rglob("*")) if p.is_file()
-        }
-        meta = {**meta, "format": FORMAT_VERSION, "step": step, "world_size": info.world_size, "files": files}
-        write_durably(staging / META, json.dumps(meta, indent=1).encode())
-        _fsync_dir(staging)
-        if final.exists():  # a save of the same step (e.g. a preemption right after the last save)
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        _fsync_dir(root)
-        write_durably(root / f"{TMP_PREFIX}{LATEST}", final.name.encode())
-        os.replace(root / f"{TMP_PREFIX}{LATEST}", root / LATEST)
-        _fsync_dir(root)
-        for old in complete_checkpoints(root)[keep:]:
-            if step_of(old) not in protect:
-                shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier(info)
-    return final
+    torch_save_durably({**rank_state, "rng": rng_state()}, saving.staging / f"rank_{info.rank}.pt")
+    saving.write = backend.save(saving.staging, info, background)
+    if saving.write is None:
+        distributed.barrier(info)  # every rank's files are written
+        saving.complete(protect)
+        distributed.barrier(info)  # nobody reads the checkpoint before it is in place
+    return saving
 
 
 def verify(path: Path, files: dict[str, str]) -> str | None:

@@ -153,6 +153,10 @@ class TrainConfig:
     """lm-eval task names for train.lm_eval_every, e.g. [ramp_tiny] (ramp's offline task) or [hellaswag]."""
     lm_eval_device: str = setting("cpu", on_resume=OnResume.applies)
     """Device of the background evaluations: cpu (takes no accelerator memory from training), cuda or cuda:N."""
+    ckpt_async: bool = setting(False, on_resume=OnResume.applies)
+    """Save checkpoints in the background (backend=ddp or fsdp, DCP's async save): training waits only
+    for the copy of the state to host memory; a checkpoint counts once its background write has finished
+    and been checksummed, and a kill before that leaves the previous one in force."""
     keep_checkpoints: int = setting(3, on_resume=OnResume.applies)
     """Keep the newest N checkpoints; older ones are deleted once a newer one is complete."""
     on_nan: OnNan = setting(OnNan.halt, on_resume=OnResume.applies)
@@ -580,7 +584,7 @@ class BackendConfig:
     """Who wraps the model and owns backward and the optimizer step; pick it with ``backend=<name>``."""
 
     name: str = setting(MISSING, on_resume=OnResume.refused)
-    """ddp or deepspeed; pick it with backend=<name>."""
+    """ddp, fsdp or deepspeed; pick it with backend=<name>."""
 
     def check(self, cfg: Config) -> None:
         """The backend's own keys, and what it cannot do with the rest of ``cfg``.
@@ -604,6 +608,36 @@ class DDPBackend(BackendConfig):
     def check(self, cfg: Config) -> None:
         """Raises ConfigError: a bucket size below 1."""
         _require(self.bucket_cap_mb >= 1, f"backend.bucket_cap_mb={self.bucket_cap_mb} must be at least 1")
+
+
+@dataclass
+class FSDPBackend(BackendConfig):
+    """PyTorch FSDP2 (``fully_shard`` on every decoder block, then on the whole model): parameters,
+    gradients and optimizer state sharded across the ranks (gloo on CPU, nccl on GPU)."""
+
+    name: str = setting("fsdp", on_resume=OnResume.refused)
+    """Selected with backend=fsdp."""
+    reshard_after_forward: bool = setting(True, on_resume=OnResume.applies)
+    """Free each block's gathered parameters after its forward and gather them again for the backward
+    (ZeRO-3's memory); false keeps them until the backward (ZeRO-2's: one all-gather less per block)."""
+    reduce_every_micro_batch: bool = setting(False, on_resume=OnResume.applies)
+    """Reduce-scatter the gradients after every micro-batch (each rank keeps only its gradient shard:
+    least memory) instead of only after a step's last (full gradients held between micro-batches: one
+    reduce-scatter a step). The same numbers either way, up to summation order."""
+    cpu_offload: bool = setting(False, on_resume=OnResume.applies)
+    """Keep parameters, gradients and optimizer state on the CPU between uses, the optimizer step there
+    too (FSDP2's CPUOffloadPolicy; needs a GPU)."""
+    shard_group_size: int | None = setting(None, on_resume=OnResume.applies)
+    """HSDP: shard within groups of this many ranks (e.g. a node's GPUs) and replicate across the groups;
+    null shards across all ranks. Must divide the world size."""
+
+    def check(self, cfg: Config) -> None:
+        """Raises ConfigError: a shard group below 1."""
+        if self.shard_group_size is not None:
+            _require(
+                self.shard_group_size >= 1,
+                f"backend.shard_group_size={self.shard_group_size} must be at least 1 (or null: all ranks)",
+            )
 
 
 DEEPSPEED_OWNED_KEYS = {
@@ -681,6 +715,11 @@ class DeepSpeedBackend(BackendConfig):
             not cfg.train.compile,
             "train.compile=true is not supported with backend=deepspeed; set train.compile=false",
         )
+        _require(
+            not cfg.train.ckpt_async,
+            "train.ckpt_async=true needs backend=ddp or backend=fsdp (DeepSpeed's engine writes its own files, "
+            "synchronously); set train.ckpt_async=false",
+        )
         for key in flat_keys(dict(self.extra)):
             _require(
                 key not in DEEPSPEED_OWNED_KEYS,
@@ -705,7 +744,9 @@ class DeepSpeedBackend(BackendConfig):
         )
 
 
-BACKENDS: dict[str, type[BackendConfig]] = {schema.name: schema for schema in (DDPBackend, DeepSpeedBackend)}
+BACKENDS: dict[str, type[BackendConfig]] = {
+    schema.name: schema for schema in (DDPBackend, FSDPBackend, DeepSpeedBackend)
+}
 """Every backend schema by its ``backend.name``."""
 
 PROGRESS_MODES = ("auto", "bar", "lines", "off")

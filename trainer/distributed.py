@@ -90,13 +90,16 @@ def setup(threads: int | None = None) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, local_world_size, device)
 
 
-def ensure_process_group() -> None:
-    """A 1-rank gloo group on an in-memory store when running alone (no port, nothing to clean up).
+def ensure_process_group(device: torch.device | None = None) -> None:
+    """A 1-rank group on an in-memory store when running alone (no port, nothing to clean up): gloo, and
+    nccl for a CUDA ``device`` beside it.
 
-    DeepSpeed's engine needs a process group even for one process; under torchrun it joins ramp's.
+    DeepSpeed's engine and FSDP2 need a process group even for one process; under torchrun they join
+    ramp's.
     """
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "cpu:gloo,cuda:nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def barrier(info: DistInfo) -> None:

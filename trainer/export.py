@@ -47,14 +47,15 @@ PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 
 
 def model_state(folder: Path, meta: CheckpointMeta) -> dict[str, torch.Tensor]:
-    """A checkpoint's model weights as one state dict on the CPU (ZeRO shards gathered), loaded without
-    executing any code."""
+    """A checkpoint's model weights as one state dict on the CPU (ZeRO's or FSDP2's shards gathered, from
+    any number of ranks), loaded without executing any code."""
     if meta.backend == "deepspeed":
         from trainer.backends.deepspeed import consolidated_state_dict
 
         return consolidated_state_dict(folder)
-    state: dict[str, torch.Tensor] = torch.load(folder / "model.pt", weights_only=True, map_location="cpu")
-    return state
+    from trainer.backends.state import full_model_state
+
+    return full_model_state(folder)
 
 
 def load_weights(cfg: Config, model: nn.Module, tokenizer_vocab: int) -> CheckpointMeta:

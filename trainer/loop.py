@@ -226,6 +226,8 @@ class Trainer:
     """The newest evaluation's records (val_loss, val_ppl), None before the first."""
     lm_evals: BackgroundEvals = field(init=False)
     """train.lm_eval_every's background evaluations of saved checkpoints (rank 0 starts them)."""
+    saving: checkpoint.Saving | None = field(init=False, default=None)
+    """A checkpoint still being written in the background (train.ckpt_async), None when there is none."""
 
     def __post_init__(self) -> None:
         self.meter = IntervalMeter(self.info.device)
@@ -368,9 +370,10 @@ class Trainer:
         loss_sum, tokens = distributed.all_reduce_sum(total, self.info).tolist()
         return {"val_loss": loss_sum / tokens, "val_ppl": perplexity(loss_sum / tokens)}
 
-    def save(self, state: TrainState) -> Path:
-        """Checkpoint the state after ``state.global_step`` (collective: every rank calls it); start its
-        lm-eval in the background where train.lm_eval_every says (rank 0; nothing waits on it)."""
+    def save(self, state: TrainState, last: bool = False) -> Path:
+        """Checkpoint the state after ``state.global_step`` (collective: every rank calls it) once the previous
+        background save is complete. With train.ckpt_async the write goes on in the background unless
+        ``last`` (this process's last save: it completes before returning); see :meth:`complete_save`."""
         meta = {
             "tokens": state.tokens,
             "skipped_steps": state.skipped_steps,
@@ -385,13 +388,27 @@ class Trainer:
         root = self.run_dir / "checkpoints"
         keep = self.cfg.train.keep_checkpoints
         rank_state = {"meter": self.meter.state_dict()}
+        self.complete_save()
         reading = self.lm_evals.steps()  # checkpoints a background evaluation still reads: not pruned yet
-        path = checkpoint.save(
-            root, state.global_step, self.info, self.backend, meta, rank_state, keep, reading
+        background = self.cfg.train.ckpt_async and not last
+        self.saving = checkpoint.save(
+            root, state.global_step, self.info, self.backend, meta, rank_state, keep, reading, background
         )
-        if self.lm_evals.due(state.global_step, self.end_step):
-            self.lm_evals.start(path, state.global_step)
+        path = self.saving.path
+        if not background:
+            self.complete_save()
         return path
+
+    def complete_save(self, wait: bool = True) -> None:
+        """Complete the checkpoint being saved, if any (see :class:`trainer.checkpoint.Saving`), and start its
+        lm-eval in the background where train.lm_eval_every says (rank 0; nothing waits on it). Not
+        collective: with ``wait=False`` only when its background write has finished, else later."""
+        if self.saving is None or (not wait and not self.saving.done()):
+            return
+        path = self.saving.complete(self.lm_evals.steps())
+        if self.lm_evals.due(self.saving.step, self.end_step):
+            self.lm_evals.start(path, self.saving.step)
+        self.saving = None
 
     def settle(self, state: TrainState, ledger: Ledger) -> None:
         """Read the attempts since the last sync into ``state``: the step and tokens of each applied one,
@@ -475,6 +492,7 @@ class Trainer:
     def preempted(self, stop: StopSignal, path: Path, step: int) -> Outcome:
         """Say what stopped the run and where its checkpoint is (rank 0), and which background evaluations
         go on."""
+        self.complete_save()
         self.lm_evals.leave()
         log.info(
             "ramp | preempted by %s: saved %s at step %d; exiting (the same command resumes from it)",
@@ -535,13 +553,14 @@ class Trainer:
                 continue
             self.settle(state, ledger)
             caught_up = state.global_step == attempted  # else a dropped update moved the cadence
+            self.complete_save(wait=False)  # a background save whose write has finished counts from now
             if caught_up:
                 self.record_step(state, grad_norm, recorder, stop)
             if stopping or state.eval_pending:
-                return self.preempted(stop, self.save(state), state.global_step)
+                return self.preempted(stop, self.save(state, last=True), state.global_step)
             attempted = state.global_step
             if caught_up and ((t.ckpt_every and attempted % t.ckpt_every == 0) or attempted == self.end_step):
-                path = self.save(state)
+                path = self.save(state, last=attempted == self.end_step)
                 if attempted < self.end_step and stop.agreed():  # a signal during that save: it is the one
                     return self.preempted(stop, path, attempted)
         if self.end_step < self.schedule.max_steps:
@@ -552,5 +571,6 @@ class Trainer:
                 self.end_step,
                 self.schedule.max_steps,
             )
+        self.complete_save()
         self.lm_evals.finish()  # waits for the background evaluations, up to a limit
         return Outcome.finished

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import read_metrics, run_export, run_ramp, run_worker
+from tests.helpers import checkpoint_weights, read_metrics, run_export, run_ramp, run_worker
 from trainer.errors import ConfigError
 from trainer.resume import read_meta
 
@@ -163,9 +163,7 @@ def test_export_from_a_zero3_checkpoint(
     with torch.no_grad():
         assert torch.equal(exported(tokens).logits, consolidated(tokens).logits)
     # The gathered shards are the trained model: DDP trained the same one (to Adam's rounding).
-    ddp = torch.load(
-        root / "ddp-accum1" / "checkpoints" / f"step_{MAX_STEPS}" / "model.pt", weights_only=True
-    )
+    ddp = checkpoint_weights(root / "ddp-accum1" / "checkpoints" / f"step_{MAX_STEPS}")
     weights = exported.state_dict()
     assert set(ddp) <= set(weights)
     for key, value in ddp.items():
@@ -218,9 +216,7 @@ def test_every_stage_consolidates_to_the_trained_weights(
     root, _ = parity
     ckpt = root / f"deepspeed-zero{stage}-accum3" / "checkpoints" / f"step_{MAX_STEPS}"
     state = consolidated_state_dict(ckpt)
-    ddp = torch.load(
-        root / "ddp-accum3" / "checkpoints" / f"step_{MAX_STEPS}" / "model.pt", weights_only=True
-    )
+    ddp = checkpoint_weights(root / "ddp-accum3" / "checkpoints" / f"step_{MAX_STEPS}")
     assert set(state) == set(ddp)
     for key, value in ddp.items():
         assert state[key].dtype == torch.float32

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import (
+    checkpoint_weights,
     kill_job,
     launch_ramp,
     own_lines,
@@ -254,7 +255,7 @@ def test_export_gives_a_transformers_model_with_identical_logits(tmp_path: Path,
     tokens = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(tokens).logits, ours(tokens).logits)
-    trained = torch.load(ckpt / "model.pt", weights_only=True)
+    trained = checkpoint_weights(ckpt)
     assert all(
         torch.equal(exported.state_dict()[k], v) for k, v in trained.items() if k in exported.state_dict()
     )

@@ -18,12 +18,12 @@ def test_a_save_is_complete_verified_and_pointed_to(
 ) -> None:
     path = save(tmp_path, 7, ddp_backend, alone)
     assert path == tmp_path / "step_7"
-    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.pt", "optimizer.pt", "rank_0.pt"]
+    assert sorted(p.name for p in path.iterdir()) == ["dcp", "meta.json", "rank_0.pt"]
     meta = json.loads((path / "meta.json").read_text())
     assert meta["step"] == 7
     assert meta["world_size"] == 1
     assert meta["sampler"] == {"epoch": 0, "position": 7}
-    assert set(meta["files"]) == {"model.pt", "optimizer.pt", "rank_0.pt"}
+    assert set(meta["files"]) == {"dcp/.metadata", "dcp/__0_0.distcp", "rank_0.pt"}
     assert all(meta["files"][name] == checkpoint.checksum(path / name) for name in meta["files"])
     assert (tmp_path / "latest").read_text() == "step_7"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -64,13 +64,14 @@ def test_verify_names_a_missing_or_damaged_file(
 ) -> None:
     path = save(tmp_path, 1, ddp_backend, alone)
     files = json.loads((path / "meta.json").read_text())["files"]
-    target = path / "optimizer.pt"
+    target = path / "dcp" / "__0_0.distcp"
     target.write_bytes(target.read_bytes()[:1000])
     assert (
-        checkpoint.verify(path, files) == "optimizer.pt does not match its checksum (truncated or corrupted)"
+        checkpoint.verify(path, files)
+        == "dcp/__0_0.distcp does not match its checksum (truncated or corrupted)"
     )
     target.unlink()
-    assert checkpoint.verify(path, files) == "optimizer.pt is missing"
+    assert checkpoint.verify(path, files) == "dcp/__0_0.distcp is missing"
 
 
 def test_rng_state_round_trips_through_a_weights_only_load(tmp_path: Path) -> None:

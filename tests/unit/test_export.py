@@ -41,19 +41,21 @@ def test_a_damaged_newest_checkpoint_is_passed_over_as_a_resume_does(
     run_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     newest = run_dir / "checkpoints" / "step_4"
-    model = newest / "model.pt"
+    model = newest / "dcp" / "__0_0.distcp"
     model.write_bytes(model.read_bytes()[:1000])
     for given in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "latest"):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="ramp"):
             assert find_checkpoint(given) == run_dir / "checkpoints" / "step_2"
         assert [r.getMessage() for r in caplog.records] == [
-            f"checkpoint {newest} is unusable: model.pt does not match its checksum (truncated or corrupted); "
+            f"checkpoint {newest} is unusable: dcp/__0_0.distcp does not match its checksum (truncated or corrupted); "
             "trying the previous one"
         ]
     # named, a damaged checkpoint is refused, never swapped for another
     assert find_checkpoint(newest) == newest
-    with pytest.raises(ConfigError, match=r"^CHECKPOINT .*step_4 is unusable: model.pt does not match"):
+    with pytest.raises(
+        ConfigError, match=r"^CHECKPOINT .*step_4 is unusable: dcp/__0_0.distcp does not match"
+    ):
         load_model(newest)
 
 

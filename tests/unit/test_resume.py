@@ -47,7 +47,7 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(
 ) -> None:
     save_checkpoint(tmp_path, 2, ddp_backend, alone)
     newest = save_checkpoint(tmp_path, 4, ddp_backend, alone)
-    target = newest / "optimizer.pt"
+    target = newest / "dcp" / "__0_0.distcp"
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[:1000])
     elif damage == "flip":
@@ -95,11 +95,11 @@ def test_every_rank_gets_rank_0s_choice_or_its_error(
 ) -> None:
     save_checkpoint(tmp_path, 2, ddp_backend, alone)
     newest = save_checkpoint(tmp_path, 4, ddp_backend, alone)
-    (newest / "model.pt").write_bytes(b"damaged")
+    (newest / "dcp" / ".metadata").write_bytes(b"damaged")
     assert run_distributed(_choose_on_every_rank, str(tmp_path), False) == [str(tmp_path / "step_2")] * 2
     errors = run_distributed(_choose_on_every_rank, str(tmp_path), True)
     assert errors[0] == errors[1]
-    assert errors[0].startswith(f"error: run.resume={newest}: model.pt does not match")
+    assert errors[0].startswith(f"error: run.resume={newest}: dcp/.metadata does not match")
 
 
 def test_restore_gives_weights_optimizer_data_position_and_interval_back_exactly(
@@ -143,9 +143,11 @@ def test_loading_never_executes_code(tmp_path: Path, ddp_backend: DDPBackend, al
     path = save_checkpoint(tmp_path, 1, ddp_backend, alone)
     marker = Path("/tmp/ramp-checkpoint-executed-code")
     marker.unlink(missing_ok=True)
-    (path / "model.pt").write_bytes(pickle.dumps({"weights": _Payload()}))
+    (path / "dcp" / ".metadata").write_bytes(pickle.dumps({"weights": _Payload()}))  # DCP's pickled index
     meta = json.loads((path / "meta.json").read_text())
-    meta["files"]["model.pt"] = checkpoint.checksum(path / "model.pt")  # checksums alone do not protect
+    meta["files"]["dcp/.metadata"] = checkpoint.checksum(
+        path / "dcp" / ".metadata"
+    )  # checksums alone do not protect
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(pickle.UnpicklingError):
         resume.restore(start_of(path), alone, ddp_backend, *parts(alone), compose().optim)

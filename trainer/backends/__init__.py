@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,8 +96,16 @@ class Backend(ABC):
         by a pre-step hook on the optimizer that really steps, so a record shows what trained."""
 
     @abstractmethod
-    def save(self, folder: Path, info: DistInfo) -> None:
-        """Write the model and optimizer state into a checkpoint folder (called on every rank)."""
+    def save(self, folder: Path, info: DistInfo, background: bool = False) -> Future[Any] | None:
+        """Write the model and optimizer state into a checkpoint folder (called on every rank).
+
+        Args:
+            background: copy the state to host memory and write it in a background thread
+                (``train.ckpt_async``; DDP and FSDP2 only).
+
+        Returns:
+            The background write's future, or None when the state is written already.
+        """
 
     @abstractmethod
     def load(self, folder: Path, meta: CheckpointMeta, info: DistInfo) -> None:
@@ -145,8 +154,14 @@ def build_backend(cfg: Config, model: nn.Module, info: DistInfo) -> Backend:
         from trainer.backends.ddp import DDPBackend
 
         return DDPBackend(cfg, model, info)
+    if cfg.backend.name == "fsdp":
+        from trainer.backends.fsdp import FSDPBackend
+
+        return FSDPBackend(cfg, model, info)
     if cfg.backend.name == "deepspeed":
         from trainer.backends.deepspeed import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg, model, info)
-    raise ConfigError(f"backend={cfg.backend.name} is unknown; use backend=ddp or backend=deepspeed")
+    raise ConfigError(
+        f"backend={cfg.backend.name} is unknown; use backend=ddp, backend=fsdp or backend=deepspeed"
+    )

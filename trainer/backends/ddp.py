@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.backends import AppliedLRs, Backend
-from trainer.checkpoint import torch_save_durably
+from trainer.backends import AppliedLRs, Backend, state
 from trainer.config import Config, Precision
 from trainer.config import DDPBackend as DDPConfig
 from trainer.distributed import DistInfo
@@ -50,6 +51,10 @@ class DDPBackend(Backend):
             )
             network = self.ddp
         self.model = network
+        # A background save coordinates on a gloo group of its own (see FSDPBackend).
+        self.save_group = (
+            dist.new_group(backend="gloo") if cfg.train.ckpt_async and info.distributed else None
+        )
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -94,15 +99,11 @@ class DDPBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach(), applied
 
-    def save(self, folder: Path, info: DistInfo) -> None:
-        """``model.pt`` and ``optimizer.pt``, from global rank 0: DDP keeps identical replicas."""
-        if info.is_main:
-            torch_save_durably(self.module.state_dict(), folder / "model.pt")
-            torch_save_durably(self.optimizer.state_dict(), folder / "optimizer.pt")
+    def save(self, folder: Path, info: DistInfo, background: bool = False) -> Future[Any] | None:
+        """Weights and AdamW state into ``folder/dcp``, each rank writing a share of the replicated tensors
+        (see :mod:`trainer.backends.state`)."""
+        return state.save(self.module, self.optimizer, folder, info, self.save_group, background)
 
     def load(self, folder: Path, meta: CheckpointMeta, info: DistInfo) -> None:
-        """Weights and AdamW state, read with ``weights_only=True`` on every rank."""
-        model = torch.load(folder / "model.pt", weights_only=True, map_location=self.device)
-        self.module.load_state_dict(model)
-        optimizer = torch.load(folder / "optimizer.pt", weights_only=True, map_location=self.device)
-        self.optimizer.load_state_dict(optimizer)
+        """Weights and AdamW state, saved on any number of ranks (or a format-1 ``model.pt``)."""
+        state.load(self.module, self.optimizer, folder, info)

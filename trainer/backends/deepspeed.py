@@ -250,8 +250,9 @@ class DeepSpeedBackend(Backend):
         norm = torch.as_tensor(float(reported) if reported is not None else float("nan"))
         return norm, torch.tensor(bool(self.engine.was_step_applied()))
 
-    def save(self, folder: Path, info: DistInfo) -> None:
-        """The engine's files under ``deepspeed/``; every rank writes its shards."""
+    def save(self, folder: Path, info: DistInfo, background: bool = False) -> None:
+        """The engine's files under ``deepspeed/``; every rank writes its shards (never in the background:
+        train.ckpt_async is refused with DeepSpeed)."""
         # ramp's own state is in meta.json and rank_<r>.pt, so the engine's client state stays empty.
         self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=False)
         checkpoint.fsync_tree(folder)  # DeepSpeed writes without flushing; the atomic rename needs it

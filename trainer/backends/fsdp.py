@@ -154,15 +154,15 @@ class FSDPBackend(Backend):
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a replicated DTensor
-        norm = norm.to(self.device)
-        applied = torch.isfinite(norm) if hold is None else torch.isfinite(norm) & ~hold
+        # On the gradients' device: the CPU with backend.cpu_offload, where the optimizer steps too.
+        applied = torch.isfinite(norm) if hold is None else torch.isfinite(norm) & ~hold.to(norm.device)
         if self.on_device:
-            self.optimizer.found_inf = (~applied).float().to(norm.device)  # type: ignore[attr-defined]
+            self.optimizer.found_inf = (~applied).float()  # type: ignore[attr-defined]
             self.optimizer.step()
         elif bool(applied):  # a host-device sync, for an optimizer that cannot drop an update itself
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach(), applied
+        return norm.detach().to(self.device), applied.to(self.device)
 
     def save(self, folder: Path, info: DistInfo, background: bool = False) -> Future[Any] | None:
         """Each rank's shards into ``folder/dcp`` (see :mod:`trainer.backends.state`)."""

@@ -212,7 +212,8 @@ class SafeReader(FileSystemReader):
         Raises:
             pickle.UnpicklingError: it references anything else.
         """
-        path = self._get_metadata_path(kwargs.get("rank"))
+        locate = getattr(self, "_get_metadata_path", None)  # torch 2.13; older ones name one file
+        path = locate(kwargs.get("rank")) if locate else self.fs.concat_path(self.path, ".metadata")
         with self.fs.create_stream(path, "rb") as stream:
             metadata = _MetadataUnpickler(stream).load()
         if not isinstance(metadata, Metadata):

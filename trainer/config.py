@@ -147,8 +147,8 @@ class TrainConfig:
     lm_eval_every: int = setting(0, on_resume=OnResume.applies)
     """Evaluate the checkpoint of every N-th step (and the last) on train.lm_eval_tasks with lm-eval, in a
     background process of rank 0 that training never waits on (python -m trainer.evaluate; its output in
-    run.dir/lm_eval/); results go to metrics.jsonl at the checkpoint's step. A multiple of train.ckpt_every;
-    0 disables it."""
+    run.dir/lm_eval/); results go to metrics.jsonl at the checkpoint's step (and to wandb, on the lm_eval/step
+    axis). A multiple of train.ckpt_every; 0 disables it."""
     lm_eval_tasks: list[str] = setting(factory=list, on_resume=OnResume.applies)
     """lm-eval task names for train.lm_eval_every, e.g. [ramp_tiny] (ramp's offline task) or [hellaswag]."""
     lm_eval_device: str = setting("cpu", on_resume=OnResume.applies)

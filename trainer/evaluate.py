@@ -9,20 +9,24 @@ or an export (a Hugging Face folder). The tasks run through EleutherAI's lm-eval
 
 Each task's metrics are printed, one line each. A checkpoint's results are also appended to its run's
 metrics.jsonl as one record at the checkpoint's global step: ``{"step": N, "lm_eval/<task>/<metric>":
-value, "lm_eval/<task>/<metric>_stderr": value, ...}`` (see :func:`flatten`). The in-training option
-(``train.lm_eval_every``) starts this command in the background on rank 0's checkpoints
-(:class:`BackgroundEvals`).
+value, "lm_eval/<task>/<metric>_stderr": value, ...}`` (see :func:`flatten`), and, when that run logs to
+wandb, to its wandb run on the ``lm_eval/step`` axis (:func:`trainer.observe.wandb_sink.log_to_run`). The
+in-training option (``train.lm_eval_every``) starts this command in the background on rank 0's checkpoints
+(:class:`BackgroundEvals`) with ``--no-wandb``: the training sends those results to its wandb run itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +145,19 @@ def append_to_run(run_dir: Path, record: dict[str, Any]) -> Path:
     return path
 
 
+def recorded(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The newest downstream evaluation record at global step ``step`` in ``run_dir``'s metrics.jsonl (None
+    if there is none), read under the lock its writers append under (see :func:`append_to_run`)."""
+    with open(run_dir / "metrics.jsonl", "rb") as file:
+        fcntl.flock(file, fcntl.LOCK_SH)
+        lines = file.read().splitlines()
+    for line in reversed(lines):
+        record: dict[str, Any] = json.loads(line) if line.strip() else {}
+        if record.get("step") == step and any(key.startswith(f"{PREFIX}/") for key in record):
+            return record
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -157,6 +174,12 @@ def _parser() -> argparse.ArgumentParser:
         "--include-path", type=Path, action="append", default=[], help="a folder of more task YAMLs"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument(
+        "--no-wandb",
+        action="store_true",
+        help="record a checkpoint's results in metrics.jsonl only, not in its run's wandb run "
+        "(train.lm_eval_every passes it: the training logs them to wandb)",
+    )
     return parser
 
 
@@ -191,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ramp | --limit {args.limit}: a partial evaluation, not recorded in the run's metrics.jsonl")
     elif target.run_dir is not None:
         print(f"ramp | appended to {append_to_run(target.run_dir, record)} at step {target.step}")
+        if not args.no_wandb:
+            from trainer.observe.wandb_sink import log_to_run
+
+            run_id = log_to_run(target.run_dir, record)
+            if run_id is not None:
+                print(f"ramp | logged to wandb run {run_id} at lm_eval/step {target.step}")
     return 0
 
 
@@ -220,12 +249,15 @@ class Pending:
 class BackgroundEvals:
     """``train.lm_eval_every``: this command on a checkpoint, in a process of its own that training never
     waits on; it appends its results to metrics.jsonl when done. Only global rank 0 starts any (on every
-    other rank this holds none, as the Recorder holds no sinks)."""
+    other rank this holds none, as the Recorder holds no sinks). The evaluations leave wandb alone
+    (``--no-wandb``): ``send`` takes each result that lands in metrics.jsonl to the training's wandb run."""
 
     def __init__(self, cfg: Any, run_dir: Path, is_main: bool) -> None:
         self.every, self.tasks, self.device = cfg.lm_eval_every, list(cfg.lm_eval_tasks), cfg.lm_eval_device
         self.run_dir, self.is_main = run_dir, is_main
         self.pending: list[Pending] = []
+        self.send: Callable[[dict[str, Any]], None] | None = None
+        """Where a finished evaluation's record goes besides metrics.jsonl (the Recorder's wandb sink)."""
 
     def steps(self) -> set[int]:
         """The global steps of the checkpoints evaluations still running read (rank 0; empty elsewhere)."""
@@ -244,6 +276,7 @@ class BackgroundEvals:
         log_file = self.run_dir / PREFIX / f"step_{step}.log"
         log_file.parent.mkdir(exist_ok=True)
         command = [sys.executable, "-m", "trainer.evaluate", str(checkpoint), "--tasks", ",".join(self.tasks)]
+        command.append("--no-wandb")  # one writer to the wandb run: the training (see send)
         with open(log_file, "wb") as out:
             process = subprocess.Popen(
                 [*command, "--device", self.device],
@@ -257,10 +290,15 @@ class BackgroundEvals:
         self.report()
 
     def report(self) -> None:
-        """Say in one line each which evaluations ended since the last call."""
+        """Say in one line each which evaluations ended since the last call; send on each result."""
         for done in [p for p in self.pending if p.process.poll() is not None]:
             self.pending.remove(done)
-            if done.process.returncode == 0:
+            wanted = done.process.returncode == 0 and self.send is not None
+            record = recorded(self.run_dir, done.step) if wanted else None
+            if record is not None and self.send is not None:
+                self.send(record)
+                log.info("ramp | lm-eval of step %d done: in metrics.jsonl and wandb", done.step)
+            elif done.process.returncode == 0:
                 log.info("ramp | lm-eval of step %d done: in metrics.jsonl", done.step)
             else:
                 log.warning(

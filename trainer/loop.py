@@ -532,6 +532,8 @@ class Trainer:
         # they are skipped: ramp went from about 0.94x to 0.97x the bare loop's tokens/s on CPU.
         gc.collect()
         gc.freeze()
+        # background evaluations' results: to wandb through the recorder (metrics.jsonl has them already)
+        self.lm_evals.send = recorder.log_lm_eval if recorder.wandb is not None else None
         ledger = Ledger(state.global_step, self.info.device, halt_on_nan=t.on_nan == OnNan.halt)
         attempted = state.global_step  # the global step if every attempt since the last sync applied
         global_batch = self.clock.batch_of(1)  # what the backend was built with
@@ -572,5 +574,5 @@ class Trainer:
                 self.schedule.max_steps,
             )
         self.complete_save()
-        self.lm_evals.finish()  # waits for the background evaluations, up to a limit
+        self.lm_evals.finish()  # waits for the background evaluations, up to a limit, before the recorder closes
         return Outcome.finished

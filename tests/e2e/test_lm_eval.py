@@ -1,11 +1,13 @@
 """Downstream evaluation with the real lm-eval, offline, on ramp's own ``ramp_tiny`` task:
 ``python -m trainer.evaluate`` scores what the ``lm_eval`` command scores on the same export and records a
-checkpoint's results in its run's metrics.jsonl at its step; ``train.lm_eval_every`` does the same in the
-background during training without changing a training record; bad input is one line and exit 2."""
+checkpoint's results in its run's metrics.jsonl at its step (and in its wandb run, offline here, on the
+``lm_eval/step`` axis); ``train.lm_eval_every`` does the same in the background during training without
+changing a training record; bad input is one line and exit 2."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,16 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import REPO, export_command, ramp_env, read_metrics, run_ramp
+from tests.helpers import (
+    REPO,
+    _wandb_payloads,
+    export_command,
+    ramp_env,
+    read_metrics,
+    read_wandb_history,
+    run_ramp,
+    wandb_runs,
+)
 from trainer.config import compose
 from trainer.errors import ConfigError
 from trainer.evaluate import TASKS_DIR
@@ -34,22 +45,22 @@ RUN = [
     "train.ckpt_every=2",
     "train.log_every=1",
     "train.eval_every=0",
-    "logger.wandb.mode=disabled",
 ]
-WITH_LM_EVAL = ["train.lm_eval_every=4", "train.lm_eval_tasks=[ramp_tiny]"]
+WITH_LM_EVAL = ["train.lm_eval_every=4", "train.lm_eval_tasks=[ramp_tiny]", "logger.wandb.mode=offline"]
+NO_WANDB = ["logger.wandb.mode=disabled"]
 METRICS = ("acc", "acc_norm")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two BPE runs (2 ranks) of 6 steps on the task's own sentences, one with train.lm_eval_every=4 (run ``evaluated``)
-    and one without (``plain``); checkpoints every 2 steps."""
+    """Two BPE runs (2 ranks) of 6 steps on the task's own sentences, one with train.lm_eval_every=4 and wandb
+    offline (run ``evaluated``) and one with neither (``plain``); checkpoints every 2 steps."""
     cwd = tmp_path_factory.mktemp("lm_eval")
     cache = tmp_path_factory.mktemp("cache")
     sentences = [f"{item['context']} {item['choices'][item['label']]}" for item in ITEMS]
     (cwd / "corpus.txt").write_text("\n".join(sentences * 40))
     outputs = {}
-    for name, extra in (("evaluated", WITH_LM_EVAL), ("plain", [])):
+    for name, extra in (("evaluated", WITH_LM_EVAL), ("plain", NO_WANDB)):
         # two ranks, as torchrun starts them: the background evaluation must not join their process group
         result = run_ramp([*RUN, *extra, f"run.name={name}"], cwd=cwd, cache_dir=cache, nproc=2, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -129,6 +140,7 @@ def test_a_checkpoint_s_results_land_in_its_run_at_its_step(runs: dict[str, Any]
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == f"ramp | appended to {run_dir / 'metrics.jsonl'} at step 4"
+    assert not (run_dir / "wandb").exists(), "a run without wandb gets none"
     after = (run_dir / "metrics.jsonl").read_text()
     assert after.startswith(before), "the training records stay as they were"
     (record,) = [json.loads(line) for line in after[len(before) :].splitlines()]
@@ -151,9 +163,77 @@ def test_in_training_evaluations_log_at_their_steps_and_leave_training_unchanged
     for key in ("loss", "lr", "grad_norm", "tokens"):
         assert [r[key] for r in train] == [r[key] for r in reference], key
     output = runs["output"]["evaluated"]
-    assert "ramp | lm-eval of step 4 done: in metrics.jsonl" in output
-    assert "ramp | lm-eval of step 6 done: in metrics.jsonl" in output
+    assert "ramp | lm-eval of step 4 done: in metrics.jsonl and wandb" in output
+    assert "ramp | lm-eval of step 6 done: in metrics.jsonl and wandb" in output
     assert "lm_eval/ramp_tiny/acc " in (evaluated / "lm_eval" / "step_4.log").read_text()
+
+
+def lm_eval_axes(run_dir: Path) -> dict[str, str]:
+    """The step axis of each lm_eval key (but the axis itself) the run's wandb segments declare by name."""
+    from wandb.proto import wandb_internal_pb2
+
+    axes = {}
+    for segment in wandb_runs(run_dir):
+        for payload in _wandb_payloads(segment.read_bytes()):
+            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]  # generated, no stubs
+            record.ParseFromString(payload)
+            name = record.metric.name if record.WhichOneof("record_type") == "metric" else ""
+            if name.startswith("lm_eval/") and name != "lm_eval/step":
+                axes[name] = record.metric.step_metric
+    return axes
+
+
+def test_in_training_results_reach_wandb_at_their_checkpoint_s_step(runs: dict[str, Any]) -> None:
+    evaluated = runs["run"]["evaluated"]
+    (segment,) = wandb_runs(
+        evaluated
+    )  # the training's: the background evaluations opened no run of their own
+    history = read_wandb_history(segment)
+    results = {row["lm_eval/step"]: row for row in history if "lm_eval/step" in row}
+    records = {record["step"]: record for record in lm_eval_records(evaluated)}
+    assert sorted(results) == sorted(records) == [4, 6]
+    for step, record in records.items():
+        assert {key: results[step][key] for key in record if key != "step"} == {
+            key: value for key, value in record.items() if key != "step"
+        }
+    keys = {key for record in records.values() for key in record if key != "step"}
+    assert lm_eval_axes(evaluated) == dict.fromkeys(keys, "lm_eval/step")
+    # wandb's own step is still the training's: each training step once, in its row, as metrics.jsonl has it
+    steps = [row["_step"] for row in history]
+    assert len(steps) == len(set(steps))
+    by_step = {row["_step"]: row for row in history}
+    train, _ = read_metrics(evaluated)
+    for record in train:
+        assert (by_step[record["step"]]["step"], by_step[record["step"]]["loss"]) == (
+            record["step"],
+            record["loss"],
+        )
+
+
+def test_the_command_adds_a_checkpoint_s_results_to_its_run_s_wandb_run(
+    runs: dict[str, Any], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "evaluated"  # a copy: the other tests read the run as training left it
+    shutil.copytree(runs["run"]["evaluated"], run_dir, symlinks=True)
+    before = wandb_runs(run_dir)
+    last_row = max(row["_step"] for segment in before for row in read_wandb_history(segment))
+    result = evaluate(
+        [str(run_dir / "checkpoints" / "step_2"), "--tasks", "ramp_tiny", "--batch-size", "4"],
+        runs["cwd"],
+        runs["cache"],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id = (run_dir / "wandb_run_id").read_text()
+    assert result.stdout.splitlines()[-1] == f"ramp | logged to wandb run {run_id} at lm_eval/step 2"
+    (record,) = [r for r in lm_eval_records(run_dir) if r["step"] == 2]
+    (segment,) = [s for s in wandb_runs(run_dir) if s not in before]  # the same run, continued
+    assert segment.name == f"run-{run_id}.wandb"
+    (row,) = read_wandb_history(segment)
+    assert (row["_step"], row["lm_eval/step"]) == (last_row + 1, 2)  # after the training's rows
+    assert {key: row[key] for key in record if key != "step"} == {
+        key: value for key, value in record.items() if key != "step"
+    }
+    assert set(lm_eval_axes(run_dir).values()) == {"lm_eval/step"}
 
 
 @pytest.mark.parametrize(
@@ -180,7 +260,7 @@ def test_an_unknown_in_training_task_is_refused_at_start_up_and_a_partial_score_
     runs: dict[str, Any],
 ) -> None:
     cwd, cache = runs["cwd"], runs["cache"]
-    bad = [*RUN, "train.lm_eval_every=2", "train.lm_eval_tasks=[no_such_task]", "run.name=bad"]
+    bad = [*RUN, *NO_WANDB, "train.lm_eval_every=2", "train.lm_eval_tasks=[no_such_task]", "run.name=bad"]
     result = run_ramp(bad, cwd=cwd, cache_dir=cache, nproc=0, timeout=200)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("ramp: error: unknown lm-eval task no_such_task")

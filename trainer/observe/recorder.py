@@ -8,9 +8,12 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from trainer.observe.console import Progress
+
+if TYPE_CHECKING:
+    from trainer.observe.wandb_sink import WandbSink
 
 log = logging.getLogger("ramp")
 
@@ -80,6 +83,8 @@ class Recorder:
     ) -> None:
         self.sinks: list[Sink] = []
         self.progress: Progress | None = None
+        self.wandb: WandbSink | None = None
+        """The wandb sink among ``sinks`` (rank 0, logger.wandb.mode not disabled)."""
         if not is_main:
             return
         # metrics.jsonl first: it drops the steps after the checkpoint, and wandb re-sends from it.
@@ -88,7 +93,8 @@ class Recorder:
             from trainer.observe.wandb_sink import WandbSink
 
             run_name = config["run"]["name"]
-            self.sinks.append(WandbSink(run_dir, logger_cfg.wandb, run_name, config, start_step))
+            self.wandb = WandbSink(run_dir, logger_cfg.wandb, run_name, config, start_step)
+            self.sinks.append(self.wandb)
         if logger_cfg.tensorboard:
             from trainer.observe.tensorboard_sink import TensorboardSink
 
@@ -115,13 +121,19 @@ class Recorder:
                 record["val_ppl"],
             )
 
+    def log_lm_eval(self, record: dict[str, Any]) -> None:
+        """A background downstream evaluation's record, which its own process appended to metrics.jsonl:
+        to wandb, on its ``lm_eval/step`` axis (:meth:`WandbSink.write_lm_eval`)."""
+        if self.wandb is not None:
+            self.wandb.write_lm_eval(record)
+
     def close(self) -> None:
         """Close the progress display and every sink."""
         if self.progress is not None:
             self.progress.close()
         for sink in self.sinks:
             sink.close()
-        self.sinks = []
+        self.sinks, self.wandb = [], None
 
 
 def perplexity(loss: float) -> float:

@@ -15,6 +15,13 @@ run), then
   on a GPU, the first attempt's values).
 
 The union of the segments then holds each step once: what the dashboard shows after ``wandb sync``.
+
+Downstream evaluations (``lm_eval/<task>/<metric>``, :mod:`trainer.evaluate`) finish after later training
+steps, so they are plotted against a step axis of their own, ``lm_eval/step`` (the checkpoint's global
+step), and never move wandb's own step: the sink puts each result into the row of a training step it
+logs anyway, one result a row, and only what is left when the run closes into rows after the last. On
+start it also sends the results metrics.jsonl holds that no segment on disk does (one that ended after
+its training left, or was lost with a killed segment).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import secrets
 import struct
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +40,10 @@ from trainer.observe.redact import scrubbed_argv
 log = logging.getLogger("ramp")
 
 _BLOCK, _HEADER = 32 * 1024, 7
+LM_EVAL = "lm_eval/"
+"""The first part of a downstream evaluation's keys (``trainer.evaluate.PREFIX`` and a slash)."""
+LM_EVAL_STEP = "lm_eval/step"
+"""The x-axis of the downstream evaluations: the global step of the checkpoint each one evaluated."""
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
@@ -74,19 +86,38 @@ def _segment_time(run_file: Path) -> str:
     return run_file.parent.name.rsplit("-", 2)[-2]
 
 
-def _history_steps(run_file: Path) -> Iterator[int]:
+def _history(run_file: Path, needle: bytes) -> Iterator[Any]:
+    """The history records of a ``.wandb`` file whose payload holds ``needle`` (the others are skipped
+    unparsed), in order."""
     from wandb.proto import wandb_internal_pb2
 
     for payload in _records(run_file.read_bytes()):
+        if needle not in payload:
+            continue
         record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
         try:
             record.ParseFromString(payload)
         except Exception:  # a damaged record: wandb sync skips it too
             continue
         if record.WhichOneof("record_type") == "history":
-            for item in record.history.item:
-                if (item.key or "/".join(item.nested_key)) == "_step":
-                    yield int(json.loads(item.value_json))
+            yield record.history
+
+
+def _history_steps(run_file: Path) -> Iterator[int]:
+    for history in _history(run_file, b"_step"):
+        for item in history.item:
+            if (item.key or "/".join(item.nested_key)) == "_step":
+                yield int(json.loads(item.value_json))
+
+
+def _segments(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The ``.wandb`` files of run ``run_id``'s segments, newest first."""
+    segments = [
+        path
+        for path in wandb_dir.glob(f"*run-*-{run_id}/run-{run_id}.wandb")
+        if not path.parent.is_symlink()  # latest-run points at a segment listed already
+    ]
+    return sorted(segments, key=_segment_time, reverse=True)
 
 
 def last_logged_step(wandb_dir: Path, run_id: str) -> int:
@@ -95,23 +126,49 @@ def last_logged_step(wandb_dir: Path, run_id: str) -> int:
     Each segment logs only steps past the ones before it, so the newest segment holding any step
     has the highest: segments are read newest first, and usually only one is read.
     """
-    segments = [
-        path
-        for path in wandb_dir.glob(f"*run-*-{run_id}/run-{run_id}.wandb")
-        if not path.parent.is_symlink()  # latest-run points at a segment listed already
-    ]
-    for run_file in sorted(segments, key=_segment_time, reverse=True):
+    for run_file in _segments(wandb_dir, run_id):
         last = max(_history_steps(run_file), default=0)
         if last:
             return last
     return 0
 
 
-def _jsonl_records(path: Path, after: int, through: int) -> list[dict[str, Any]]:
+def _jsonl_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in records if after < r["step"] <= through]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def is_lm_eval(record: dict[str, Any]) -> bool:
+    """Whether ``record`` is a downstream evaluation's (``lm_eval/...`` keys), not a training step's."""
+    return any(key.startswith(LM_EVAL) for key in record)
+
+
+def logged_lm_evals(wandb_dir: Path, run_id: str) -> set[tuple[int, str]]:
+    """``(lm_eval/step, key)`` of every downstream evaluation result the segments of run ``run_id`` hold."""
+    found: set[tuple[int, str]] = set()
+    for run_file in _segments(wandb_dir, run_id):
+        for history in _history(run_file, LM_EVAL_STEP.encode()):
+            row = {(item.key or "/".join(item.nested_key)): item.value_json for item in history.item}
+            if LM_EVAL_STEP in row:
+                step = int(json.loads(row[LM_EVAL_STEP]))
+                found.update((step, key) for key in row if key.startswith(LM_EVAL) and key != LM_EVAL_STEP)
+    return found
+
+
+def log_lm_eval(run: Any, record: dict[str, Any], step: int | None = None, commit: bool = True) -> None:
+    """Log a downstream evaluation's ``record`` (``step``: its checkpoint's) into ``run`` on the
+    ``lm_eval/step`` axis: in wandb's row ``step`` (default: the row now open), committed or left open.
+
+    Each key is declared against the axis by name: wandb matches a key to one of several globs (``*``
+    against the global step, ``lm_eval/*``) in no fixed order, a declared name always wins."""
+    row = {LM_EVAL_STEP: record["step"], **{k: v for k, v in record.items() if k.startswith(LM_EVAL)}}
+    run.define_metric(LM_EVAL_STEP)
+    run.define_metric(f"{LM_EVAL}*", step_metric=LM_EVAL_STEP)
+    for key in row:
+        if key != LM_EVAL_STEP:
+            run.define_metric(key, step_metric=LM_EVAL_STEP)
+    run.log(row, step=step, commit=commit)
 
 
 def default_group(config: dict[str, Any]) -> str:
@@ -127,39 +184,58 @@ def default_group(config: dict[str, Any]) -> str:
     return str(config["run"]["name"])
 
 
+def open_run(run_dir: Path, settings: Any, run_name: str, config: dict[str, Any], run_id: str) -> Any:
+    """Start (or continue: ``resume="allow"``) the wandb run ``run_id`` of the run folder ``run_dir``,
+    under ``run_dir/wandb``, as ``settings`` (logger.wandb) say."""
+    import wandb
+
+    with scrubbed_argv():  # wandb records the command line, which may carry a secret override
+        return wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            name=settings.name or run_name,
+            group=settings.group or default_group(config),
+            tags=list(settings.tags),
+            mode=settings.mode,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            config=config,
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
+
+
 class WandbSink:
-    """Writes every record to the job's one wandb run, against the global step."""
+    """Writes every record to the job's one wandb run, against the global step; downstream evaluations
+    against ``lm_eval/step`` (:meth:`write_lm_eval`)."""
 
     def __init__(
         self, run_dir: Path, settings: Any, run_name: str, config: dict[str, Any], start_step: int
     ) -> None:
-        import wandb
-
         id_file = run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
-        with scrubbed_argv():  # wandb records the command line, which may carry a secret override
-            self.run = wandb.init(
-                project=settings.project,
-                entity=settings.entity,
-                name=settings.name or run_name,
-                group=settings.group or default_group(config),
-                tags=list(settings.tags),
-                mode=settings.mode,
-                dir=str(run_dir),
-                id=run_id,
-                resume="allow",
-                config=config,
-                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
-            )
+        self.run = open_run(run_dir, settings, run_name, config, run_id)
         # Every series is plotted against the global step, whatever the gradient accumulation.
         self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")
+        self.run.define_metric("*", step_metric="step")  # lm_eval/... keys: see log_lm_eval
         server_last = max(self.run.starting_step - 1, 0)  # an online run resumed on the server
         self.logged_through = max(last_logged_step(run_dir / "wandb", run_id), server_last)
-        replay = _jsonl_records(run_dir / "metrics.jsonl", self.logged_through, start_step)
+        self.row: int | None = None
+        """wandb's open row: the training step this segment logged last (None before its first)."""
+        self.row_has_lm_eval = False
+        self.lm_evals: list[dict[str, Any]] = []
+        """Downstream evaluation results waiting for a row of their own."""
+        records = _jsonl_records(run_dir / "metrics.jsonl")  # through start_step: the JsonlSink cut it there
+        replay = [r for r in records if not is_lm_eval(r) and self.logged_through < r["step"] <= start_step]
         for record in replay:
-            self.run.log(record, step=record["step"])
+            self.write(record)
+        lm_evals = [r for r in records if is_lm_eval(r)]
+        if lm_evals:
+            logged = logged_lm_evals(run_dir / "wandb", run_id)
+            for record in lm_evals:
+                if any((record["step"], key) not in logged for key in record if key.startswith(LM_EVAL)):
+                    self.write_lm_eval(record)
         if start_step:
             log.info(
                 "ramp | wandb run %s continues: history through step %d, %d steps re-sent from metrics.jsonl",
@@ -169,10 +245,68 @@ class WandbSink:
             )
 
     def write(self, record: dict[str, Any]) -> None:
-        """Log the record at its step, unless the run's history already holds that step."""
-        if record["step"] > self.logged_through:
-            self.run.log(record, step=record["step"])
+        """Log the record at its step, unless the run's history already holds that step; a waiting
+        downstream evaluation result goes into the step's row."""
+        step = record["step"]
+        if step <= self.logged_through or (self.row is not None and step < self.row):
+            return
+        self.run.log(record, step=step)
+        if step != self.row:
+            self.row, self.row_has_lm_eval = step, False
+        self._fill_row()
+
+    def write_lm_eval(self, record: dict[str, Any]) -> None:
+        """Log a downstream evaluation's record (``step``: its checkpoint's global step, ``lm_eval/...``) on
+        the ``lm_eval/step`` axis, into the open training row if no result took it yet, else into the next
+        training row this run logs (:meth:`close` gives what still waits rows after the last)."""
+        self.lm_evals.append(record)
+        self._fill_row()
+
+    def _fill_row(self) -> None:
+        if self.lm_evals and self.row is not None and not self.row_has_lm_eval:
+            log_lm_eval(self.run, self.lm_evals.pop(0), commit=False)  # wandb's step stays the training's
+            self.row_has_lm_eval = True
 
     def close(self) -> None:
-        """Finish the wandb run."""
+        """Log the results still waiting, one row each after the last row of the run's history, and
+        finish the wandb run."""
+        after = max(self.logged_through, self.row or 0, self.run.step - 1)
+        for offset, record in enumerate(self.lm_evals, start=1):
+            log_lm_eval(self.run, record, step=after + offset)
+        self.lm_evals = []
         self.run.finish()
+
+
+def _settings_of(run_dir: Path) -> tuple[Any, dict[str, Any]] | None:
+    """The logger.wandb settings and the config of the run folder ``run_dir`` (its config.yaml), None when
+    it has none or runs without wandb."""
+    import yaml
+
+    from trainer.config import WandbConfig
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        node = dict(config["logger"]["wandb"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+    names = {f.name for f in fields(WandbConfig)}
+    settings = WandbConfig(**{key: value for key, value in node.items() if key in names})
+    return (settings, config) if settings.mode != "disabled" else None
+
+
+def log_to_run(run_dir: Path, record: dict[str, Any]) -> str | None:
+    """Log a downstream evaluation's ``record`` into the wandb run of the run folder ``run_dir``
+    (continued, as its config.yaml's logger.wandb says), on the ``lm_eval/step`` axis, in a row after every
+    row its segments on disk hold (or the server's, online); the run's id, or None when it has no wandb
+    run (wandb disabled, or never started)."""
+    found = _settings_of(run_dir)
+    id_file = run_dir / "wandb_run_id"
+    if found is None or not id_file.exists():
+        return None
+    settings, config = found
+    run_id = id_file.read_text().strip()
+    run = open_run(run_dir, settings, str(config["run"]["name"]), config, run_id)
+    step = max(last_logged_step(run_dir / "wandb", run_id) + 1, run.starting_step, run.step)
+    log_lm_eval(run, record, step=step)
+    run.finish()
+    return run_id

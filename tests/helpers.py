@@ -354,6 +354,29 @@ def save_checkpoint(
     ).path
 
 
+def save_format_1_checkpoint(
+    root: Path, step: int, backend: Any, config: dict[str, Any] | None = None
+) -> Path:
+    """A one-rank DDP checkpoint as ramp's first format wrote it (before DCP): ``model.pt`` and ``optimizer.pt``
+    (rank 0's full state dicts), ``rank_0.pt``, then ``meta.json`` (format 1, the checksum of each file) and
+    ``latest``. ``config``: the resolved config its metadata records (none by default)."""
+    import torch
+
+    from trainer import checkpoint
+
+    folder = root / f"{checkpoint.PREFIX}{step}"
+    folder.mkdir(parents=True)
+    torch.save(backend.module.state_dict(), folder / "model.pt")
+    torch.save(backend.optimizer.state_dict(), folder / "optimizer.pt")
+    meter = {"loss_sum": torch.tensor(3.0 * step, dtype=torch.float64), "tokens": 64 * step, "steps": step}
+    torch.save({"meter": meter, "rng": checkpoint.rng_state()}, folder / "rank_0.pt")
+    files = {p.name: checkpoint.checksum(p) for p in sorted(folder.iterdir())}
+    meta = {**checkpoint_meta(step), "config": config or {}, "format": 1, "step": step, "world_size": 1}
+    (folder / checkpoint.META).write_text(json.dumps({**meta, "files": files}, indent=1))
+    (root / checkpoint.LATEST).write_text(folder.name)
+    return folder
+
+
 def tiny_trainer(config: Any, info: Any, run_dir: Path) -> tuple[Any, Any]:
     """A Trainer of ``config`` as ``trainer.main`` builds one (data, seeded model, backend), and a
     Recorder writing into ``run_dir`` on rank 0; no checkpoint restored."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import own_lines, ramp_env, run_ramp, snapshot
 
@@ -133,5 +134,46 @@ def test_bad_config_under_torchrun_is_reported_once(tmp_path: Path, cache_dir: P
     assert errors == [
         "ramp: error: schedule.warmup_steps=11 exceeds the run's 10 steps (train.max_steps=10); lower it, "
         "lengthen the run or use schedule.warmup_ratio"
+    ]
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        pytest.param(
+            ["backend=fsdp", "backend.cpu_offload=true"],
+            "backend.cpu_offload=true moves state off a GPU, and there is none; remove it",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused only without a GPU"),
+        ),
+        (
+            ["backend=deepspeed", "train.ckpt_async=true"],
+            "train.ckpt_async=true needs backend=ddp or backend=fsdp",
+        ),
+    ],
+)
+def test_a_backend_option_this_run_cannot_have_is_one_ramp_error(
+    overrides: list[str], message: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, nproc=0, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ramp: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith(f"ramp: error: {message}")
+    assert not (tmp_path / "outputs").exists(), "a failed start must not create the run folder"
+
+
+@pytest.mark.slow
+def test_a_shard_group_that_does_not_divide_the_ranks_is_reported_once(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    result = run_ramp(["backend=fsdp", "backend.shard_group_size=3"], cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode != 0
+    assert "/trainer/" not in result.stderr  # torchrun prints its own traceback, never one of ramp's frames
+    errors = [line for line in own_lines(result.stderr) if line.startswith("ramp: error:")]
+    assert errors == [
+        "ramp: error: backend.shard_group_size=3 does not divide the 2 ranks; use a divisor (e.g. the GPUs of "
+        "one node) or null"
     ]
     assert not (tmp_path / "outputs").exists()

@@ -307,9 +307,9 @@ MUTANTS = [
     Mutant(
         "each rank's RNG and log-interval state left out of a checkpoint",
         "trainer/checkpoint.py",
-        '    torch_save_durably({**rank_state, "rng": rng_state()}, staging / f"rank_{info.rank}.pt")\n'
-        "    backend.save(staging, info)\n",
-        "    backend.save(staging, info)\n",
+        '    torch_save_durably({**rank_state, "rng": rng_state()}, saving.staging / f"rank_{info.rank}.pt")\n'
+        "    saving.write = backend.save(saving.staging, info, background)\n",
+        "    saving.write = backend.save(saving.staging, info, background)\n",
         (f"{UNIT}/test_checkpoint.py",),
     ),
     Mutant(

@@ -463,6 +463,22 @@ MUTANTS = [
         "",
         (f"{UNIT}/test_slurm_sweep.py",),
     ),
+    Mutant(
+        "a background save counted before its write is done",
+        "trainer/checkpoint.py",
+        "            self.write.result()\n            self.write = None\n",
+        "            self.write = None\n",
+        (
+            f"{UNIT}/test_checkpoint.py::test_a_failed_background_write_raises_at_completion_and_the_previous_checkpoint_stays",
+        ),
+    ),
+    Mutant(
+        "a halted run leaves its background save incomplete",
+        "trainer/loop.py",
+        "                self.complete_save()  # the checkpoint before the halt counts, as a synchronous one would\n",
+        "                pass\n",
+        (f"{E2E}/test_resume.py::test_on_nan_halt_stops_before_the_update_with_a_clear_message",),
+    ),
 ]
 
 

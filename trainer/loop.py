@@ -412,7 +412,8 @@ class Trainer:
 
     def settle(self, state: TrainState, ledger: Ledger) -> None:
         """Read the attempts since the last sync into ``state``: the step and tokens of each applied one,
-        a warning for each skipped one, a halt where the policy says so.
+        a warning for each skipped one, a halt where the policy says so (once the checkpoint being saved
+        in the background, if any, is complete: a halted run leaves the checkpoints a synchronous one does).
 
         Raises:
             TrainingHalted: a non-finite norm with ``train.on_nan=halt``, or too many skips in a row.
@@ -423,6 +424,8 @@ class Trainer:
                 state.global_step, state.tokens = step, state.tokens + self.clock.batch_of(step) * t.seq_len
                 continue
             message = f"non-finite gradient norm ({norm}) at step {step}"
+            if t.on_nan == OnNan.halt or in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                self.complete_save()  # the checkpoint before the halt counts, as a synchronous one would
             if t.on_nan == OnNan.halt:
                 raise TrainingHalted(
                     f"{message}; stopped before the optimizer step, weights untouched. Resume from the last "

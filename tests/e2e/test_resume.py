@@ -27,6 +27,7 @@ from tests.helpers import (
     wandb_runs,
     workers,
 )
+from trainer import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -101,51 +102,102 @@ def newest_checkpoint(checkpoints: Path) -> int:
     return max(steps, default=0)
 
 
-def saving_beyond(checkpoints: Path, step: int) -> bool:
-    """A save of a step after ``step`` is in progress."""
+def save_in_progress(checkpoints: Path, step: int) -> str | None:
+    """How far the save of a step after ``step`` has got, None when there is none: "staging" (its folder
+    only), "writing" (``dcp/`` without DCP's ``.metadata``, which the backend's write ends with: under
+    train.ckpt_async the background write is under way) or "written" (the write is done, the checkpoint
+    is not yet complete). Saves of ``step`` and before are not counted: a killed run's partial save is
+    one after its newest checkpoint, and it is left there until the resumed run has started."""
     if not checkpoints.exists():
-        return False
-    return any(p.name.startswith(".tmp-step_") and int(p.name[10:]) > step for p in checkpoints.iterdir())
+        return None
+    for path in checkpoints.iterdir():
+        if path.name.startswith(".tmp-step_") and int(path.name[10:]) > step:
+            dcp = path / "dcp"
+            return "written" if (dcp / ".metadata").exists() else "writing" if dcp.is_dir() else "staging"
+    return None
 
 
+KILL_AT = {
+    "save": ("staging", "writing", "written"),
+    "writing": ("writing",),
+    "written": ("written",),
+}
+"""The moments of a save a kill waits for, by the kill's kind ("random" waits for none)."""
+
+
+def kill_once(kind: str, overrides: list[str], cwd: Path, cache_dir: Path, rng: random.Random) -> str | None:
+    """Start the run (resuming), SIGKILL the whole job at a moment of ``kind`` and say how far the save
+    after the first one since the resume point had got when the kill landed (None: no save was cut).
+
+    A random kill comes 0.5 to 7 s after the start (start-up and training alike), or sooner, just after
+    the run has saved 6 steps past its resume point: each kill then leaves a bounded amount of progress,
+    whatever the machine's speed. Any other waits for the first save after the resume point to complete
+    and kills inside the next one, at one of the moments :data:`KILL_AT` names."""
+    log, checkpoints = cwd / "job.log", cwd / "outputs" / "run" / "checkpoints"
+    resumed_from = newest_checkpoint(checkpoints)
+    proc = launch_ramp(overrides, cwd=cwd, cache_dir=cache_dir, log=log)
+    try:
+        start = time.monotonic()
+        delay = rng.uniform(0.5, 7.0)
+        while (
+            time.monotonic() - start < delay and newest_checkpoint(checkpoints) < resumed_from + 6
+            if kind == "random"
+            else save_in_progress(checkpoints, resumed_from + 2) not in KILL_AT[kind]
+        ):
+            assert proc.poll() is None, f"the job ended before a {kind} kill: " + log.read_text()[-3000:]
+            assert time.monotonic() - start < 180, log.read_text()[-3000:]
+            time.sleep(0.002)
+    finally:
+        kill_job(proc)
+    return save_in_progress(checkpoints, resumed_from + 2)
+
+
+KILLED_RUNS = {
+    "ddp": (["train.max_steps=60"], ["save", "random"] * 5),
+    "fsdp-async": (
+        [
+            "backend=fsdp",
+            "train.max_steps=40",
+            "train.ckpt_async=true",
+            "train.seq_len=64",
+            "train.micro_batch_size=2",
+        ],
+        ["writing", "random", "written", "random", "writing", "random"],
+    ),
+}
+"""The runs killed at random moments: their overrides and their kills in order. FSDP2's saves run in the
+background (train.ckpt_async) and are killed while DCP writes and after it wrote, before the rename."""
+
+
+@pytest.mark.parametrize("name", list(KILLED_RUNS))
 def test_killed_at_random_moments_and_during_saves_ends_bit_identical(
-    tmp_path: Path, cache_dir: Path
+    name: str, tmp_path: Path, cache_dir: Path
 ) -> None:
-    """SIGKILL the whole 2-rank job ten times, half of them in the middle of a checkpoint save."""
-    overrides = [*BASE, "train.max_steps=60", "train.ckpt_every=2", "train.eval_every=20"]
+    """SIGKILL the whole 2-rank job again and again, half of the kills in the middle of a checkpoint
+    save; the run then ends with the records of an unbroken run (one that saves synchronously)."""
+    extra, kinds = KILLED_RUNS[name]
+    overrides = [*BASE, "train.ckpt_every=2", "train.eval_every=20", *extra]
+    unbroken = [o for o in overrides if o != "train.ckpt_async=true"]
     (tmp_path / "reference").mkdir()
-    assert run_ramp(overrides, cwd=tmp_path / "reference", cache_dir=cache_dir).returncode == 0
+    assert run_ramp(unbroken, cwd=tmp_path / "reference", cache_dir=cache_dir).returncode == 0
     rng = random.Random(20261122)
-    run_dir, log = tmp_path / "outputs" / "run", tmp_path / "job.log"
-    checkpoints = run_dir / "checkpoints"
-    kills, kills_mid_save = 0, 0
-    while kills < 10:
-        resumed_from = newest_checkpoint(checkpoints)
-        proc = launch_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, log=log)
-        try:
-            deadline = time.monotonic() + 180
-            if kills % 2 == 0:
-                # Let the first save after the resume point finish, then kill inside the next one.
-                while not saving_beyond(checkpoints, resumed_from + 2):
-                    assert proc.poll() is None, log.read_text()[-3000:]
-                    assert time.monotonic() < deadline, log.read_text()[-3000:]
-                    time.sleep(0.002)
-                kill_job(proc)
-                # Counted only when the kill left the save unfinished (it may win the race and finish).
-                kills_mid_save += saving_beyond(checkpoints, resumed_from + 2)
-            else:
-                time.sleep(rng.uniform(0.5, 7.0))  # start-up and training alike
-                assert proc.poll() is None, "the job finished before its tenth kill"
-                kill_job(proc)
-        finally:
-            if proc.poll() is None:
-                kill_job(proc)
-        kills += 1
+    landed = [(kind, kill_once(kind, overrides, tmp_path, cache_dir, rng)) for kind in kinds]
     result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert kills_mid_save >= 3, f"only {kills_mid_save} of 5 kills landed inside a save"
-    assert series(run_dir) == series(tmp_path / "reference" / "outputs" / "run")
+    # Counted only when the kill left the save unfinished (it may win the race and finish first).
+    mid_save = [moment for kind, moment in landed if kind != "random" and moment is not None]
+    assert len(mid_save) > len(kinds) // 4, f"too few kills landed inside a save: {landed}"
+    if "train.ckpt_async=true" in overrides:
+        assert "writing" in mid_save, f"no kill landed during a background write: {landed}"
+    run_dir, reference = tmp_path / "outputs" / "run", tmp_path / "reference" / "outputs" / "run"
+    assert series(run_dir) == series(reference)
+    checkpoints = run_dir / "checkpoints"
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]
+    # The last run's checkpoints (background saves but the last) hold what the synchronous ones do.
+    for step_dir in checkpoint.complete_checkpoints(checkpoints):
+        expected = checkpoint_weights(reference / "checkpoints" / step_dir.name)
+        saved = checkpoint_weights(step_dir)
+        assert all(torch.equal(saved[key], value) for key, value in expected.items()), step_dir.name
 
 
 def test_torchrun_restarts_a_crashed_rank_and_training_resumes(
@@ -262,7 +314,9 @@ def test_export_gives_a_transformers_model_with_identical_logits(tmp_path: Path,
 
 
 def test_on_nan_halt_stops_before_the_update_with_a_clear_message(tmp_path: Path, cache_dir: Path) -> None:
+    """The halt also completes the checkpoint of the step before, saved in the background (ckpt_async)."""
     overrides = [*BASE, "optim.lr=1e30", "train.max_grad_norm=0", "schedule=constant", "train.ckpt_every=1"]
+    overrides += ["train.ckpt_async=true"]
     result = run_ramp(overrides, cwd=tmp_path, cache_dir=cache_dir, nproc=0)
     assert result.returncode == 3
     last_line = result.stderr.strip().splitlines()[-1]
@@ -270,7 +324,9 @@ def test_on_nan_halt_stops_before_the_update_with_a_clear_message(tmp_path: Path
     assert "train.on_nan=skip" in result.stderr
     assert "Traceback" not in result.stderr
     halted_at = train_steps(tmp_path / "outputs" / "run") + 1
-    assert not (tmp_path / "outputs" / "run" / "checkpoints" / f"step_{halted_at}").exists()
+    checkpoints = tmp_path / "outputs" / "run" / "checkpoints"
+    assert not (checkpoints / f"step_{halted_at}").exists()
+    assert (checkpoints / "latest").read_text() == f"step_{halted_at - 1}"  # resumable, as the message says
 
 
 # ---------------------------------------------------------------------------------------------------

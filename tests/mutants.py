@@ -479,6 +479,29 @@ MUTANTS = [
         "                pass\n",
         (f"{E2E}/test_resume.py::test_on_nan_halt_stops_before_the_update_with_a_clear_message",),
     ),
+    Mutant(
+        "FSDP2's no-sync inverted: the last micro-batch's gradients not reduced",
+        "trainer/backends/fsdp.py",
+        "        self.fsdp.set_requires_gradient_sync(last or self.reduce_every_micro_batch)\n",
+        "        self.fsdp.set_requires_gradient_sync(not last or self.reduce_every_micro_batch)\n",
+        (f"{E2E}/test_fsdp.py::test_fsdp_trains_like_ddp",),
+    ),
+    Mutant(
+        "DCP restores the weights but not the optimizer state",
+        "trainer/backends/state.py",
+        "        dcp.load(loaded, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=alone)\n",
+        '        dcp.load({"model": loaded["model"]}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=alone)\n',
+        (
+            f"{UNIT}/test_resume.py::test_restore_gives_weights_optimizer_data_position_and_interval_back_exactly",
+        ),
+    ),
+    Mutant(
+        "DCP's pickled metadata loaded without the allow-list",
+        "trainer/backends/state.py",
+        "            metadata = _MetadataUnpickler(stream).load()\n",
+        "            metadata = pickle.load(stream)\n",
+        (f"{UNIT}/test_resume.py::test_loading_never_executes_code",),
+    ),
 ]
 
 

@@ -10,11 +10,17 @@ reason, its seconds and its numbers; a part that fails is recorded and the next 
                      ramp itself (``python -m trainer.main``, bf16, one GPU) against a bare PyTorch loop
                      (``bench.bare_loop``) on the same model, batch and data: tokens/s after the warm-up
                      steps, ramp's own MFU field, peak memory, and ramp / bare
-    fsdp             ramp with ``backend=fsdp`` on one GPU: skipped until conf/backend/fsdp.yaml exists
+    fsdp <model>     ramp with ``backend=fsdp`` (FSDP2, torchrun, one rank) on a compile=off configuration:
+                     the same numbers, against the bare loop and ramp's DDP run of the same configuration
+    checkpoint <model>
+                     ``bench.checkpoint`` with the state on the device: the blocking time of ramp's
+                     synchronous DCP save, of its asynchronous one (``train.ckpt_async``, with the
+                     background write's time) and of a plain ``torch.save``, and their ratios
 
 gpt2-124m trains at sequence 1024 and llama-1b at 2048, each with its real vocabulary (50,304 and
 128,256) although the data is the built-in corpus in byte tokens. ``--smoke`` runs the same code paths
-on the CPU with gpt2-tiny and llama-tiny at sequence 64 (``make test`` runs it). The whole check keeps to
+on the CPU with gpt2-tiny and llama-tiny at sequence 64 (``make test`` runs it); ``--only`` picks parts
+by name (shell-style patterns: ``--only 'environment,fsdp *,checkpoint *'``). The whole check keeps to
 ``--budget`` seconds: a part that the time left cannot hold is recorded as skipped (out of time), and
 every command is stopped at the budget's end. Results go to ``DIR/gpu.json`` and ``DIR/gpu.md``
 (written after every part, so a killed run keeps what it measured), every command's output to
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fnmatch
 import functools
 import itertools
 import json
@@ -85,6 +92,16 @@ class Measure:
 
 
 @dataclass(frozen=True)
+class CheckpointMeasure:
+    """The checkpoint part's model (its vocabulary) and timed rounds of ``bench.checkpoint``."""
+
+    model: str
+    vocab_size: int | None
+    repeats: int
+    warmup_rounds: int = 1
+
+
+@dataclass(frozen=True)
 class Plan:
     """What a run of the check does: the GPU sizes, or the CPU smoke sizes."""
 
@@ -94,6 +111,9 @@ class Plan:
     steps: int
     warmup_steps: int
     measures: tuple[Measure, ...]
+    fsdp: tuple[Measure, ...]
+    """Configurations (each also in ``measures``) that ramp trains again with backend=fsdp."""
+    checkpoint: CheckpointMeasure
     needs_s: float
     """Budget a measured part must have left to start."""
     command_s: float
@@ -116,6 +136,11 @@ GPU = Plan(
         Measure("gpt2-124m", 50304, 1024, 16, compile=True),
         Measure("llama-1b", 128256, 2048, 4, compile=True),
     ),
+    fsdp=(
+        Measure("gpt2-124m", 50304, 1024, 16, compile=False),
+        Measure("llama-1b", 128256, 2048, 4, compile=False),
+    ),
+    checkpoint=CheckpointMeasure("gpt2-124m", 50304, repeats=5),
     needs_s=45.0,
     command_s=300.0,
 )
@@ -130,6 +155,8 @@ SMOKE = Plan(
         Measure("llama-tiny", None, 64, 2, compile=False),
         Measure("gpt2-tiny", None, 64, 2, compile=True),
     ),
+    fsdp=(Measure("gpt2-tiny", None, 64, 2, compile=False),),
+    checkpoint=CheckpointMeasure("gpt2-tiny", None, repeats=1, warmup_rounds=0),
     needs_s=10.0,
     command_s=150.0,
     peak_flops=1e12,
@@ -538,30 +565,66 @@ def measure_part(runner: Runner, plan: Plan, measure: Measure, scratch: Path) ->
 
 
 def fsdp_part(
-    runner: Runner, plan: Plan, scratch: Path, results: dict[str, dict[str, Any]]
+    runner: Runner, plan: Plan, measure: Measure, scratch: Path, results: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    """Part d: ramp with ``backend=fsdp`` on one GPU (torchrun, one rank), the first model uncompiled.
+    """Part d: ramp with ``backend=fsdp`` (torchrun, one rank) on ``measure``; its ratios to the bare loop
+    and to ramp's DDP run of the same configuration when this run measured them (part c).
 
     Raises:
-        Skipped: ramp has no fsdp backend yet (no conf/backend/fsdp.yaml), or no CUDA device.
+        Skipped: ramp has no fsdp backend (no conf/backend/fsdp.yaml), or no CUDA device.
     """
     if not (REPO / "conf" / "backend" / "fsdp.yaml").exists():
         raise Skipped("no fsdp backend")
     require_device(plan)
-    measure = plan.measures[0]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    numbers = {"model": measure.model, "seq_len": measure.seq_len, "micro_batch": measure.micro_batch}
-    numbers.update(run_ramp(runner, plan, measure, scratch / "fsdp", launcher, ["backend=fsdp"]))
+    numbers: dict[str, Any] = {
+        "model": measure.model,
+        "seq_len": measure.seq_len,
+        "micro_batch": measure.micro_batch,
+        "compile": measure.compile,
+    }
+    run_dir = scratch / f"fsdp-{measure.name}".replace(" ", "-").replace("=", "-")
+    numbers.update(run_ramp(runner, plan, measure, run_dir, launcher, ["backend=fsdp"]))
     same = results.get(measure.name, {})
     if same.get("bare_tokens_per_s"):
+        numbers["bare_tokens_per_s"] = same["bare_tokens_per_s"]
         numbers["ratio"] = numbers["tokens_per_s"] / same["bare_tokens_per_s"]
     if same.get("tokens_per_s"):
+        numbers["ddp_tokens_per_s"] = same["tokens_per_s"]
         numbers["ratio_to_ddp"] = numbers["tokens_per_s"] / same["tokens_per_s"]
     return numbers
 
 
-def build_parts(plan: Plan, runner: Runner, scratch: Path, results: dict[str, dict[str, Any]]) -> list[Part]:
-    """The check's parts in order: environment, CUDA tests, the measured runs, FSDP."""
+def checkpoint_part(runner: Runner, plan: Plan) -> dict[str, Any]:
+    """Part e: ``bench.checkpoint`` with the state on the plan's device: the medians of each save's
+    blocking seconds and of their per-round ratios to ``torch.save`` (see :mod:`bench.checkpoint`).
+
+    Raises:
+        Skipped: no CUDA device. RuntimeError: it printed no ``BENCH checkpoint`` line.
+    """
+    require_device(plan)
+    measure = plan.checkpoint
+    cmd = [sys.executable, "-m", "bench.checkpoint", "--model", measure.model, "--device", plan.device]
+    cmd += ["--repeats", str(measure.repeats), "--warmup-rounds", str(measure.warmup_rounds), "--json"]
+    if measure.vocab_size is not None:
+        cmd += ["--vocab-size", str(measure.vocab_size)]
+    output = runner.run(cmd, cap=plan.command_s)
+    found = re.search(r"^BENCH checkpoint (\{.*\})$", output, re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"bench.checkpoint printed no 'BENCH checkpoint' line\n{tail(output)}")
+    numbers: dict[str, Any] = json.loads(found[1])
+    return numbers
+
+
+def build_parts(
+    plan: Plan,
+    runner: Runner,
+    scratch: Path,
+    results: dict[str, dict[str, Any]],
+    only: list[str] | None = None,
+) -> list[Part]:
+    """The check's parts in order: environment, CUDA tests, the measured runs, FSDP2, checkpoints; with
+    ``only``, those whose name matches one of its shell-style patterns."""
     parts = [
         Part("environment", environment),
         Part("cuda_tests", lambda: cuda_tests(runner, scratch), needs_s=plan.needs_s / 2),
@@ -570,8 +633,15 @@ def build_parts(plan: Plan, runner: Runner, scratch: Path, results: dict[str, di
         parts.append(
             Part(measure.name, functools.partial(measure_part, runner, plan, measure, scratch), plan.needs_s)
         )
-    parts.append(Part("fsdp", lambda: fsdp_part(runner, plan, scratch, results), plan.needs_s))
-    return parts
+    for measure in plan.fsdp:
+        run = functools.partial(fsdp_part, runner, plan, measure, scratch, results)
+        parts.append(Part(f"fsdp {measure.model}", run, plan.needs_s))
+    parts.append(
+        Part(f"checkpoint {plan.checkpoint.model}", lambda: checkpoint_part(runner, plan), plan.needs_s)
+    )
+    if only is None:
+        return parts
+    return [part for part in parts if any(fnmatch.fnmatchcase(part.name, pattern) for pattern in only)]
 
 
 def number(value: Any, style: str) -> str:
@@ -593,8 +663,23 @@ def part_row(name: str, record: dict[str, Any]) -> str:
         number(record.get("memory_gb"), ".2f"),
         number(record.get("bare_tokens_per_s"), ",.0f"),
         number(record.get("ratio"), ".3f"),
+        number(record.get("ratio_to_ddp"), ".3f"),
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def checkpoint_lines(name: str, record: dict[str, Any]) -> list[str]:
+    """A checkpoint part's numbers as a sentence (none when it measured nothing)."""
+    if "plain_s" not in record:
+        return []
+    return [
+        "",
+        f"{name} ({record['parameters_m']:.1f}M parameters, median of {record['rounds']} round(s)): "
+        f"torch.save {record['plain_s']:.3f} s; ramp's sync DCP save {record['sync_s']:.3f} s "
+        f"(x{record['sync_ratio']:.2f}); its async DCP save blocks {record['async_blocked_s']:.3f} s "
+        f"(x{record['async_blocked_ratio']:.2f}), written {record['async_written_s']:.3f} s after the call "
+        f"(x{record['async_written_ratio']:.2f}), completed {record['async_complete_s']:.3f} s after that.",
+    ]
 
 
 def environment_line(env: dict[str, Any]) -> str:
@@ -616,9 +701,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(environment_line(env))
     lines.append(f"Budget {report['budget_s']:.0f} s, took {report['elapsed_s']:.0f} s.")
     lines += ["", *(f"- {note}" for note in report["notes"]), ""]
-    lines.append("| part | status | s | tokens/s | MFU | peak memory GB | bare tokens/s | ramp / bare |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    header = (
+        "| part | status | s | tokens/s | MFU | peak memory GB | bare tokens/s | ramp / bare | FSDP2 / DDP |"
+    )
+    lines += [header, "| --- " * 9 + "|"]
     lines += [part_row(name, record) for name, record in parts.items()]
+    for name, record in parts.items():
+        lines += checkpoint_lines(name, record)
     for name, record in parts.items():
         if record["status"] == "failed":
             lines += ["", f"## {name}: error", "", "```", str(record["error"]), "```"]
@@ -642,6 +731,12 @@ def options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="the same code paths on the CPU, tiny")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check")
     parser.add_argument("--out", type=Path, default=None, help="default: results/gpu-<UTC date-time>/")
+    parser.add_argument(
+        "--only",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=None,
+        help="comma-separated part names or shell-style patterns, e.g. 'environment,fsdp *'; default: all",
+    )
     return parser.parse_args(argv)
 
 
@@ -669,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="ramp-gpu-") as scratch:
         runner = Runner(budget, log, command_env())
-        parts = build_parts(plan, runner, Path(scratch), results)
+        parts = build_parts(plan, runner, Path(scratch), results, opts.only)
         run_parts(parts, budget, lambda done: write_results(out, header, done, budget), results)
     print(write_results(out, header, results, budget))
     print(f"bench.gpu | results in {out}", flush=True)

@@ -4,9 +4,10 @@ In one run, each round launches every contender once, as its own process, in a r
 
     (a) bare      a bare PyTorch loop (the reference)
     (b) ramp      ramp with DDP (``torchrun -m trainer.main``)
-    (c) zero2     ramp with DeepSpeed ZeRO-2 (when the deepspeed backend is installed)
-    (d) hf        the Hugging Face Trainer, configured to match
-    (e) control   the bare loop again: how far this machine's noise moves a ratio
+    (c) fsdp      ramp with FSDP2 (``backend=fsdp``: every parameter, gradient and AdamW state sharded)
+    (d) zero2     ramp with DeepSpeed ZeRO-2 (when the deepspeed backend is installed)
+    (e) hf        the Hugging Face Trainer, configured to match
+    (f) control   the bare loop again: how far this machine's noise moves a ratio
 
 All train the same model (gpt2-tiny, byte vocabulary) on the same token file with the same batch,
 AdamW, clipping and a cosine schedule for K steps. Throughput is timed between the end of step 1 and
@@ -19,7 +20,7 @@ Next to tokens/s, each contender's tokens per CPU-second: the same tokens over t
 system) that all its processes (torchrun and its ranks, or the one process) spent over the same
 window. On a shared machine another tenant's load slows a contender's wall clock but barely its CPU
 time, so this figure is the steadier one; tokens/s is the one a user waits on, and the one to trust
-when the control (e) agrees with the bare loop. While the control's per-round ratio spreads wider
+when the control (f) agrees with the bare loop. While the control's per-round ratio spreads wider
 than :data:`STEADY` (max / min), more rounds are run, up to ``--max-rounds``.
 """
 
@@ -153,7 +154,7 @@ def run_once(cmd: list[str], cwd: Path, first_marker: str, last_marker: str, thr
 
 
 def contenders(tokens: Path, steps: int, micro_batch: int, seq_len: int, nproc: int) -> list[Contender]:
-    """(a) to (e), on the same data, batch and schedule; (c) only when the deepspeed backend exists."""
+    """(a) to (f), on the same data, batch and schedule; (d) only when the deepspeed backend exists."""
     bench_args = ["--tokens", str(tokens), "--steps", str(steps), "--micro-batch", str(micro_batch)]
     bench_args += ["--seq-len", str(seq_len)]
     ramp_args = [
@@ -169,12 +170,13 @@ def contenders(tokens: Path, steps: int, micro_batch: int, seq_len: int, nproc: 
     chosen = [
         Contender("bare", "(a) bare PyTorch loop", "bench.bare_loop", bench_args),
         Contender("ramp", "(b) ramp, DDP", "trainer.main", ramp_args),
+        Contender("fsdp", "(c) ramp, FSDP2", "trainer.main", [*ramp_args, "backend=fsdp"]),
     ]
     if (REPO / "conf" / "backend" / "deepspeed.yaml").exists():
         zero2 = [*ramp_args, "backend=deepspeed", "backend.zero_stage=2"]
-        chosen.append(Contender("zero2", "(c) ramp, DeepSpeed ZeRO-2", "trainer.main", zero2))
-    chosen.append(Contender("hf", "(d) Hugging Face Trainer", "bench.hf_trainer", bench_args))
-    chosen.append(Contender("control", "(e) bare loop again", "bench.bare_loop", bench_args))
+        chosen.append(Contender("zero2", "(d) ramp, DeepSpeed ZeRO-2", "trainer.main", zero2))
+    chosen.append(Contender("hf", "(e) Hugging Face Trainer", "bench.hf_trainer", bench_args))
+    chosen.append(Contender("control", "(f) bare loop again", "bench.bare_loop", bench_args))
     return chosen
 
 
@@ -279,7 +281,7 @@ def main() -> None:
     print(f"{rounds} rounds x {opts.steps} steps, {opts.nproc} process(es), {step_tokens} tokens/step, ")
     print(f"{psutil.cpu_count()} CPUs; throughput from the end of step 1 to the end of step {opts.steps}")
     print(
-        f"control (e) spread (max / min of its per-round ratio): tokens/s {spread(ratios['control']):.3f}, "
+        f"control (f) spread (max / min of its per-round ratio): tokens/s {spread(ratios['control']):.3f}, "
         f"tokens/CPU-s {spread(cpu_ratios['control']):.3f}; ratios are medians of per-round ratios"
     )
     print()

@@ -36,7 +36,14 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[di
 
 def test_every_part_is_recorded_with_a_status(smoke: tuple[dict[str, Any], Path]) -> None:
     report, _ = smoke
-    expected = ["environment", "cuda_tests", *(m.name for m in gpu.SMOKE.measures), "fsdp"]
+    fsdp = [f"fsdp {m.model}" for m in gpu.SMOKE.fsdp]
+    expected = [
+        "environment",
+        "cuda_tests",
+        *(m.name for m in gpu.SMOKE.measures),
+        *fsdp,
+        "checkpoint gpt2-tiny",
+    ]
     assert list(report["parts"]) == expected
     for name, record in report["parts"].items():
         assert record["status"] in ("ok", "failed", "skipped"), name
@@ -75,14 +82,24 @@ def test_the_measured_parts_have_a_rate_and_a_ratio(smoke: tuple[dict[str, Any],
         assert record["compile"] is measure.compile
 
 
-def test_the_fsdp_part_waits_for_its_backend(smoke: tuple[dict[str, Any], Path]) -> None:
-    record = smoke[0]["parts"]["fsdp"]
-    if (REPO / "conf" / "backend" / "fsdp.yaml").exists():
+def test_the_fsdp_part_is_compared_with_ddp_and_the_bare_loop(smoke: tuple[dict[str, Any], Path]) -> None:
+    parts = smoke[0]["parts"]
+    for measure in gpu.SMOKE.fsdp:
+        record, ddp = parts[f"fsdp {measure.model}"], parts[measure.name]
         assert record["status"] == "ok", record["error"]
         assert record["tokens_per_s"] > 0
-    else:
-        assert record["status"] == "skipped"
-        assert record["reason"] == "no fsdp backend"
+        assert record["ratio_to_ddp"] == pytest.approx(record["tokens_per_s"] / ddp["tokens_per_s"])
+        assert record["ratio"] == pytest.approx(record["tokens_per_s"] / ddp["bare_tokens_per_s"])
+
+
+def test_the_checkpoint_part_times_the_three_saves(smoke: tuple[dict[str, Any], Path]) -> None:
+    record = smoke[0]["parts"]["checkpoint gpt2-tiny"]
+    assert record["status"] == "ok", record["error"]
+    assert record["rounds"] == gpu.SMOKE.checkpoint.repeats
+    for save in ("plain", "sync", "async_blocked", "async_written", "async_complete"):
+        assert record[f"{save}_s"] > 0, save
+    # One round: each median ratio is that round's ratio.
+    assert record["async_blocked_ratio"] == pytest.approx(record["async_blocked_s"] / record["plain_s"])
 
 
 def test_the_markdown_table_names_each_part(smoke: tuple[dict[str, Any], Path]) -> None:
@@ -90,5 +107,6 @@ def test_the_markdown_table_names_each_part(smoke: tuple[dict[str, Any], Path]) 
     text = (out / "gpu.md").read_text()
     for name in report["parts"]:
         assert f"| {name} | " in text, name
-    assert "skipped: no fsdp backend" in text or "| fsdp | ok |" in text
+    assert "| fsdp gpt2-tiny | ok |" in text
+    assert "checkpoint gpt2-tiny (1.9M parameters, median of 1 round(s)): torch.save" in text
     assert (out / "gpu.log").stat().st_size > 0

@@ -124,6 +124,26 @@ def test_markdown_names_every_part_and_shows_each_error() -> None:
     assert "- a note" in text
 
 
+def test_markdown_gives_the_fsdp_ratio_to_ddp_and_the_checkpoint_times() -> None:
+    fsdp = {"status": "ok", "error": None, "seconds": 40.0, "tokens_per_s": 190000.0, "ratio_to_ddp": 0.95}
+    saves = {"plain_s": 2.0, "sync_s": 3.0, "async_blocked_s": 0.5, "async_written_s": 2.5}
+    saves |= {
+        "async_complete_s": 0.4,
+        "sync_ratio": 1.5,
+        "async_blocked_ratio": 0.25,
+        "async_written_ratio": 1.25,
+    }
+    checkpoint = {"status": "ok", "error": None, "seconds": 30.0, "parameters_m": 124.4, "rounds": 5, **saves}
+    parts = {"fsdp gpt2-124m": fsdp, "checkpoint gpt2-124m": checkpoint}
+    text = gpu.markdown({"mode": "gpu", "budget_s": 480, "elapsed_s": 70.0, "notes": [], "parts": parts})
+    assert "| fsdp gpt2-124m | ok | 40 | 190,000 |  |  |  |  | 0.950 |" in text
+    assert "| checkpoint gpt2-124m | ok | 30 |" in text
+    assert (
+        "torch.save 2.000 s; ramp's sync DCP save 3.000 s (x1.50); its async DCP save blocks 0.500 s (x0.25)"
+        in text
+    )
+
+
 def test_the_smoke_plan_runs_what_the_gpu_plan_runs_on_tiny_models() -> None:
     assert gpu.GPU.precision == gpu.SMOKE.precision == "bf16"
     assert {m.compile for m in gpu.GPU.measures} == {m.compile for m in gpu.SMOKE.measures}
@@ -135,3 +155,30 @@ def test_the_smoke_plan_runs_what_the_gpu_plan_runs_on_tiny_models() -> None:
     ]
     assert gpu.SMOKE.warmup_steps < gpu.SMOKE.steps
     assert gpu.GPU.warmup_steps < gpu.GPU.steps
+    for plan in (gpu.GPU, gpu.SMOKE):  # FSDP2 runs configurations that DDP and the bare loop run too
+        assert all(m in plan.measures and not m.compile for m in plan.fsdp)
+    assert [m.model for m in gpu.GPU.fsdp] == ["gpt2-124m", "llama-1b"]
+    assert gpu.GPU.checkpoint.model == "gpt2-124m"
+    assert gpu.GPU.checkpoint.vocab_size == 50304
+
+
+def test_only_picks_parts_by_name_or_pattern(tmp_path: Path) -> None:
+    names = [part.name for part in gpu.build_parts(gpu.GPU, runner(tmp_path), tmp_path, {})]
+    assert names == [
+        "environment",
+        "cuda_tests",
+        *(m.name for m in gpu.GPU.measures),
+        "fsdp gpt2-124m",
+        "fsdp llama-1b",
+        "checkpoint gpt2-124m",
+    ]
+    only = ["environment", "gpt2-124m compile=off", "fsdp *", "checkpoint *"]
+    picked = gpu.build_parts(gpu.GPU, runner(tmp_path), tmp_path, {}, only)
+    assert [part.name for part in picked] == [
+        "environment",
+        "gpt2-124m compile=off",
+        "fsdp gpt2-124m",
+        "fsdp llama-1b",
+        "checkpoint gpt2-124m",
+    ]
+    assert gpu.options(["--only", "environment, fsdp *"]).only == ["environment", "fsdp *"]

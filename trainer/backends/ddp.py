@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -51,10 +50,8 @@ class DDPBackend(Backend):
             )
             network = self.ddp
         self.model = network
-        # A background save coordinates on a gloo group of its own (see FSDPBackend).
-        self.save_group = (
-            dist.new_group(backend="gloo") if cfg.train.ckpt_async and info.distributed else None
-        )
+        self.background: state.BackgroundSaves | None = None
+        """Built by the first background save (collective: every rank saves)."""
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -102,7 +99,9 @@ class DDPBackend(Backend):
     def save(self, folder: Path, info: DistInfo, background: bool = False) -> Future[Any] | None:
         """Weights and AdamW state into ``folder/dcp``, each rank writing a share of the replicated tensors
         (see :mod:`trainer.backends.state`)."""
-        return state.save(self.module, self.optimizer, folder, info, self.save_group, background)
+        if background and self.background is None:
+            self.background = state.BackgroundSaves(info)
+        return state.save(self.module, self.optimizer, folder, info, self.background if background else None)
 
     def load(self, folder: Path, meta: CheckpointMeta, info: DistInfo) -> None:
         """Weights and AdamW state, saved on any number of ranks (or a format-1 ``model.pt``)."""

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -122,9 +121,8 @@ class FSDPBackend(Backend):
         )
         self.probe = AppliedLRs(self.optimizer)
         self.on_device = bool(self.optimizer.defaults.get("fused"))
-        # A background save coordinates on a group of its own: DCP's collectives in its thread must not
-        # interleave with training's on the default group (and async saves need a CPU backend).
-        self.save_group = dist.new_group(backend="gloo") if cfg.train.ckpt_async else None
+        self.background: state.BackgroundSaves | None = None
+        """Built by the first background save (collective: every rank saves)."""
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -166,7 +164,9 @@ class FSDPBackend(Backend):
 
     def save(self, folder: Path, info: DistInfo, background: bool = False) -> Future[Any] | None:
         """Each rank's shards into ``folder/dcp`` (see :mod:`trainer.backends.state`)."""
-        return state.save(self.module, self.optimizer, folder, info, self.save_group, background)
+        if background and self.background is None:
+            self.background = state.BackgroundSaves(info)
+        return state.save(self.module, self.optimizer, folder, info, self.background if background else None)
 
     def load(self, folder: Path, meta: CheckpointMeta, info: DistInfo) -> None:
         """Weights and AdamW state, resharded from any number of ranks.

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from trainer.distributed import DistInfo
@@ -42,8 +43,34 @@ from trainer.errors import ConfigError
 
 FOLDER = "dcp"
 """The sub-folder of a checkpoint that DCP writes into."""
+# DCP warns that no process group exists when told to run without one (no_dist), which ramp means; an
+# asynchronous save warns from its own thread, after any local filter is gone, so the filter is global.
+warnings.filterwarnings("ignore", message="torch.distributed is .*(unavailable|uninitialized)")
 LEGACY_MODEL = "model.pt"
 """Where checkpoints written before DCP (format 1, DDP) kept the weights: rank 0's full state dict."""
+
+
+class BackgroundSaves:
+    """What every background save of one backend reuses (``train.ckpt_async``).
+
+    - A process group of its own, gloo: DCP's collectives run in the save's thread and must not interleave
+      with training's on the default group, and an asynchronous save needs a CPU backend (the pattern of
+      torchtitan's asynchronous checkpointing). None for a DDP process alone, which has no group.
+    - One stager, so the host copy of the state reuses its buffers from one save to the next (pinned on a
+      GPU) instead of allocating them anew: measured on the CPU with gpt2-124m, a save then blocks for
+      about a third of the time. It holds one host copy of the model and optimizer state for the run.
+    """
+
+    def __init__(self, info: DistInfo) -> None:
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        cuda = info.device.type == "cuda"
+        options = StagingOptions(
+            use_pinned_memory=cuda,
+            use_shared_memory=False,
+            use_async_staging=False,
+            use_non_blocking_copy=False,
+        )
+        self.stager = DefaultStager(options)
 
 
 @contextlib.contextmanager
@@ -75,15 +102,13 @@ def save(
     optimizer: torch.optim.Optimizer,
     folder: Path,
     info: DistInfo,
-    group: dist.ProcessGroup | None = None,
-    background: bool = False,
+    background: BackgroundSaves | None = None,
 ) -> Future[Any] | None:
     """Write the state into ``folder/dcp`` collectively (every rank calls this).
 
     Args:
-        group: the process group DCP coordinates on; a background save needs one with a CPU backend
-            (gloo) that training's collectives never use. None: the default group.
-        background: copy the state to host memory, then write it in a background thread.
+        background: copy the state to host memory with its stager, then write it in a background thread
+            coordinated on its group; None: write it now, on the default group.
 
     Returns:
         The background write's future (its result is DCP's metadata; it raises what the write raised),
@@ -92,13 +117,17 @@ def save(
     target = folder / FOLDER
     alone = not dist.is_initialized()  # a DDP run of one process has no group
     with _alone() if alone else contextlib.nullcontext():
-        if background:
+        if background is not None:
             future = dcp.async_save(
-                state(module, optimizer), checkpoint_id=target, process_group=group, no_dist=alone
+                state(module, optimizer),
+                checkpoint_id=target,
+                process_group=background.group,
+                async_stager=background.stager,
+                no_dist=alone,
             )
             assert isinstance(future, Future)
             return future
-        dcp.save(state(module, optimizer), checkpoint_id=target, process_group=group, no_dist=alone)
+        dcp.save(state(module, optimizer), checkpoint_id=target, no_dist=alone)
     return None
 
 

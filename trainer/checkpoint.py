@@ -170,11 +170,17 @@ class Saving:
             self.write = None
         if self.info.is_main and not self.completed:
             _finalize(self.staging, self.path, self.root, {**self.meta, "world_size": self.info.world_size})
-            for old in complete_checkpoints(self.root)[self.keep :]:
-                if step_of(old) not in protect:
-                    shutil.rmtree(old, ignore_errors=True)
+            prune(self.root, self.keep, protect)
         self.completed = True
         return self.path
+
+
+def prune(root: Path, keep: int, protect: Collection[int] = ()) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints under ``root``, sparing those of the steps
+    in ``protect`` (a background evaluation reads them); rank 0's job."""
+    for old in complete_checkpoints(root)[keep:]:
+        if step_of(old) not in protect:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _finalize(staging: Path, final: Path, root: Path, meta: dict[str, Any]) -> None:

@@ -854,6 +854,12 @@ class Config:
             f"train.seq_len={self.train.seq_len} exceeds model.max_position_embeddings="
             f"{self.model.max_position_embeddings}; lower train.seq_len or raise model.max_position_embeddings",
         )
+        schema = BACKENDS.get(self.backend.name)
+        _require(
+            schema is None or isinstance(self.backend, schema),
+            f"backend.name={self.backend.name} contradicts the backend group's keys ({type(self.backend).__name__}); "
+            f"choose the backend with backend={self.backend.name}, not backend.name",
+        )
         self.backend.check(self)
         with contextlib.suppress(NeedsData):  # a length in epochs is checked once the data is built
             _ = self.lr_schedule  # the schedule's own checks need the run's length and optim.lr

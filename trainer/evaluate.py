@@ -87,13 +87,16 @@ def task_manager(tasks: list[str], include: list[Path]) -> Any:
         ) from None
     if not tasks:
         raise ConfigError("--tasks is empty; name one or more tasks, e.g. --tasks ramp_tiny")
+    for folder in include:
+        if not folder.is_dir():
+            raise ConfigError(f"--include-path {folder} is not a folder; give a folder of lm-eval task YAMLs")
     manager = TaskManager(include_path=[str(folder) for folder in [TASKS_DIR, *include]])
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise ConfigError(
             f"unknown lm-eval task {', '.join(unknown)}; `lm_eval ls tasks` lists them (ramp's own: "
-            f"{', '.join(sorted(p.name for p in TASKS_DIR.iterdir() if p.is_dir()))}); --include-path adds a "
-            "folder of task YAMLs"
+            f"{', '.join(sorted(p.name for p in TASKS_DIR.iterdir() if p.is_dir()))}); python -m trainer.evaluate "
+            "--include-path adds a folder of task YAMLs (train.lm_eval_tasks takes only those two kinds)"
         )
     return manager
 

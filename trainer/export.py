@@ -251,8 +251,19 @@ def export(checkpoint: Path, out_dir: Path, dtype: str = "fp32") -> Start:
     model = model.to(DTYPES[dtype])
     model.config.dtype = DTYPES[dtype]
     model.save_pretrained(out_dir, safe_serialization=True)
+    _readable_as_umask_says(out_dir)
     write_model_card(Start(folder, meta), model.config, parameters, dtype, out_dir)
     return Start(folder, meta)
+
+
+def _readable_as_umask_says(out_dir: Path) -> None:
+    """Give every exported file the mode a new file gets here (0644 under umask 022): the weights file is
+    written through a private temporary file (0600), which other users could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out_dir.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -286,10 +286,11 @@ class Trainer:
                 accum,
             )
         log.info(
-            "ramp | %s: %.2fM parameters | world %d | %s -> %s",
+            "ramp | %s: %.2fM parameters | world %d, backend %s | %s -> %s",
             self.cfg.model.name,
             count_parameters(self.backend.module) / 1e6,
             world,
+            self.backend.name,
             schedule.name,
             self.run_dir,
         )
@@ -300,7 +301,8 @@ class Trainer:
         Raises:
             ConfigError: the backend cannot load the checkpoint as configured, saying what to set.
         """
-        resume.restore(start, self.info, self.backend, self.data.train, self.meter, self.cfg.optim)
+        batch = self.clock.batch_of(start.meta.step + 1)
+        resume.restore(start, self.info, self.backend, self.data.train, self.meter, self.cfg.optim, batch)
         return TrainState.from_checkpoint(start.meta)
 
     def warm_start(self, meta: resume.CheckpointMeta) -> TrainState:
@@ -458,7 +460,7 @@ class Trainer:
         position = self.batches.state_dict()
         # the pass over the data and how far into it, as a fraction of its samples
         epoch = position["epoch"] + position["position"] / self.data.train.num_samples
-        samples = self.clock.samples_after(step)
+        samples = state.tokens // self.cfg.train.seq_len  # exact after a resume that changed the batch too
         record.update(grad_norm=float(grad_norm), tokens=state.tokens, samples=samples)
         record.update(epoch=epoch, global_batch=self.clock.batch_of(step))
         # Each group's LR as the optimizer read it when it stepped: what trained, not what was meant to.
@@ -576,6 +578,15 @@ class Trainer:
                 self.end_step,
                 self.schedule.max_steps,
             )
-        self.complete_save()
-        self.lm_evals.finish()  # waits for the background evaluations, up to a limit, before the recorder closes
+        self.wind_down()
         return Outcome.finished
+
+    def wind_down(self) -> None:
+        """The end of a finished run: its last save complete, the background evaluations waited for (up to a
+        limit, before the recorder closes), and the checkpoints they spared pruned to train.keep_checkpoints."""
+        self.complete_save()
+        self.lm_evals.finish()
+        if self.info.is_main:
+            checkpoint.prune(
+                self.run_dir / "checkpoints", self.cfg.train.keep_checkpoints, self.lm_evals.steps()
+            )

@@ -57,7 +57,8 @@ def schedule_line(start: Start) -> str:
         warmup = {k: v for k, v in keys.items() if k.startswith("warmup") and v is not None}
         return f"{keys.get('name', 'unknown')}, peak LR {peak}, warmup {warmup or 'none'} (as configured)"
     return (
-        f"{schedule.name}, peak LR {schedule.peak_lr:g}, warmup {schedule.warmup_steps} steps, "
+        f"{schedule.name}, peak LR {schedule.peak_lr:g}, warmup {schedule.warmup_steps} "
+        f"step{'' if schedule.warmup_steps == 1 else 's'}, "
         f"{schedule.max_steps} steps in all"
     )
 
@@ -93,7 +94,7 @@ def card_rows(start: Start, hf_config: Any, parameters: int, dtype: str) -> list
         ("Tokenizer", f"data.tokenizer={data.get('tokenizer', 'unknown')}, end-of-document id {meta.eos_id}"),
         ("Schedule", schedule_line(start)),
         (
-            "Final validation loss",
+            "Validation loss (the newest at this checkpoint)",
             f"{evaluated[1]!r} at step {evaluated[0]}" if evaluated else "not evaluated",
         ),
     ]

@@ -201,7 +201,12 @@ def problem(folder: Path) -> str | None:
         meta = read_meta(folder)
     except (OSError, ValueError) as err:
         return f"{checkpoint.META} is unreadable ({err})"
-    return checkpoint.verify(folder, meta.files)
+    reason = checkpoint.verify(folder, meta.files)
+    if reason is None and (folder / "dcp").is_dir():
+        from trainer.backends.state import metadata_problem
+
+        reason = metadata_problem(folder)
+    return reason
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,12 @@ def choose(run: RunPlan, info: DistInfo) -> Start | None:
                 chosen = f"!{path}: {reason}"
                 break
             log.warning("checkpoint %s is unusable: %s; trying the previous one", path, reason)
+        if chosen is None and run.candidates:  # a run's work is never dropped without the user's word
+            chosen = (
+                f"!auto: every checkpoint in {run.candidates[0].parent} is unusable (see the warnings above); "
+                "nothing was changed. Restore one, or start this run over by moving that folder away, or "
+                "start a new run (another run.name)"
+            )
     chosen = distributed.broadcast_object(chosen, info)  # type: ignore[assignment]
     if chosen is None:
         if run.starting_over:
@@ -269,8 +280,11 @@ def restore(
     sampler: Stateful,
     meter: Stateful,
     optim: OptimConfig,
+    global_batch: int | None = None,
 ) -> None:
     """Restore the backend's state, this rank's RNGs and open log interval, and the data position.
+
+    ``global_batch``: the samples of this run's next step, for the warning on another number of ranks.
 
     The optimizer's hyperparameters then come from ``optim`` (this run's config), not from the
     checkpoint: loading an optimizer's state dict brings back the values it was saved with, and a
@@ -292,11 +306,27 @@ def restore(
             meter.load_state_dict(rank_state["meter"])
     else:
         job_log.warning(
-            "resuming a %d-rank checkpoint on %d ranks: data order continues, per-rank RNG streams restart",
+            "resuming a %d-rank checkpoint on %d rank%s: data order continues, per-rank RNG streams restart%s",
             meta.world_size,
             info.world_size,
+            "" if info.world_size == 1 else "s",
+            _batch_change(meta, global_batch),
         )
     sampler.load_state_dict(meta.sampler)
+
+
+def _batch_change(meta: CheckpointMeta, global_batch: int | None) -> str:
+    """``; the global batch changes from A to B samples a step (...)`` when it does, else nothing."""
+    try:
+        before = from_tree(meta.config).batching(meta.world_size).batch_of(meta.step + 1)
+    except (ValueError, ConfigError, KeyError, TypeError):  # a checkpoint of an older ramp
+        return ""
+    if global_batch is None or before == global_batch:
+        return ""
+    return (
+        f"; the global batch changes from {before} to {global_batch} samples a step (to keep it, scale "
+        "train.grad_accum_steps or train.micro_batch_size inversely to the ranks)"
+    )
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -376,10 +406,15 @@ def accept(start: Start, current: dict[str, Any], default_folder: bool = False) 
         more = f" (and {', '.join(others)})" if others else ""
         raise ConfigError(
             f"run.resume: {first.key} is {first.old} in {start.path} but {first.new} here{more}, and a resumed "
-            f"run cannot change it; keep {first.key}={first.old}, or start a new run from scratch "
+            f"run cannot change it; keep {_keep(first)}, or start a new run from scratch "
             "(a new run.dir with run.resume=never)"
         )
     return changes
+
+
+def _keep(change: Change) -> str:
+    """The override that keeps a refused change's old value (a backend is chosen by its group)."""
+    return f"backend={change.old}" if change.key == "backend.name" else f"{change.key}={change.old}"
 
 
 def _refuse_another_experiment(start: Start, changes: list[Change], name: str) -> None:

@@ -201,7 +201,7 @@ def test_a_checkpoint_resumes_only_where_its_shards_fit(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ramp: error: run.resume: ")
     assert "backend.name is deepspeed in" in last
-    assert "keep backend.name=deepspeed" in last
+    assert "keep backend=deepspeed" in last
     assert "Traceback" not in result.stderr
 
 

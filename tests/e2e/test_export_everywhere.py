@@ -4,6 +4,7 @@ model card holding the run's own numbers, and ``python -m trainer.sample`` print
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import subprocess
@@ -151,6 +152,14 @@ def test_automodel_gives_ramps_logits_in_fp32_and_within_rounding_in_bf16(
     assert (low.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
 
 
+def test_every_exported_file_is_readable_as_the_umask_says(exports: dict[str, Path]) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in exports["fp32"].iterdir() if p.is_file()}
+    assert "model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
 def test_the_model_card_holds_the_runs_own_numbers(run: Path, exports: dict[str, Path]) -> None:
     card = (exports["fp32"] / "README.md").read_text()
     meta = read_meta(run / "checkpoints" / "step_4")
@@ -158,7 +167,7 @@ def test_the_model_card_holds_the_runs_own_numbers(run: Path, exports: dict[str,
     _, evals = read_metrics(run)
     assert rows["Global step"] == "4" == str(meta.step)
     assert rows["Tokens trained"] == str(meta.tokens) == "256"
-    assert rows["Final validation loss"] == f"{evals[-1]['val_loss']!r} at step 4"
+    assert rows["Validation loss (the newest at this checkpoint)"] == f"{evals[-1]['val_loss']!r} at step 4"
     assert rows["Layers"] == "4"
     assert rows["Hidden size"] == "192"
     assert rows["Attention heads"] == "4"

@@ -172,7 +172,7 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks_exactly(
     saved_on_2 = reference / "checkpoints" / "step_2"
     warnings = resume_on(1, saved_on_2, backend, one, cache_dir)
     # Accepted, with the two changes said once each.
-    assert "resuming a 2-rank checkpoint on 1 ranks: data order continues" in warnings
+    assert "resuming a 2-rank checkpoint on 1 rank: data order continues" in warnings
     changed = [line for line in own_lines(warnings) if "train.grad_accum_steps" in line]
     assert len(changed) == 1, warnings
     assert "changes the math: train.grad_accum_steps: 1 -> 2" in changed[0]
@@ -199,6 +199,26 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks_exactly(
         )
         assert (meta["backend"], meta["world_size"]) == (backend, ranks)
         assert_same_weights(run_dir / final, reference / final)
+
+
+@pytest.mark.timeout(600)
+def test_fewer_ranks_with_the_same_accumulation_say_the_batch_changes_and_count_samples_exactly(
+    parity: tuple[Path, dict[str, Any]], tmp_path: Path, cache_dir: Path
+) -> None:
+    """A 2-rank checkpoint of step 2 resumed on 1 rank with the same accumulation: half the global batch,
+    said at the start; the records' samples count on from the checkpoint's, equal to tokens / seq_len."""
+    root, _ = parity
+    saved_on_2 = root / "ddp-gpt2-tiny-accum1" / "checkpoints" / "step_2"
+    overrides = [*COMMON, "backend=ddp", "model=gpt2-tiny", f"run.dir={tmp_path / 'half'}"]
+    result = run_ramp([*overrides, f"run.resume={saved_on_2}"], cwd=tmp_path, cache_dir=cache_dir, nproc=0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    before = json.loads((saved_on_2 / "meta.json").read_text())
+    batch = train_records(root / "ddp-gpt2-tiny-accum1")[0]["global_batch"]
+    assert f"the global batch changes from {batch} to {batch // 2} samples a step" in result.stderr
+    after = train_records(tmp_path / "half", range(3, MAX_STEPS + 1))
+    seq_len = before["tokens"] // (2 * batch)
+    assert [r["samples"] for r in after] == [2 * batch + k * batch // 2 for k in range(1, len(after) + 1)]
+    assert all(r["samples"] == r["tokens"] // seq_len for r in after)
 
 
 @pytest.mark.timeout(600)
@@ -277,5 +297,5 @@ def test_fsdp_refuses_another_backends_checkpoint_in_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"ramp: error: run.resume: backend.name is {old} in {ckpt} but fsdp here")
-    assert f"keep backend.name={old}" in lines[0]
+    assert f"keep backend={old}" in lines[0]
     assert not (tmp_path / "outputs").exists()

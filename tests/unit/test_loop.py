@@ -128,3 +128,28 @@ def test_a_halt_found_late_still_left_the_weights_as_they_were_before_the_bad_st
     assert state.global_step == 2
     after_two = list(before.backend.module.parameters())
     assert all(torch.equal(a, b) for a, b in zip(trainer.backend.module.parameters(), after_two, strict=True))
+
+
+def test_the_end_of_a_run_prunes_what_background_evaluations_spared(tmp_path: Path) -> None:
+    """train.keep_checkpoints holds at the end too: checkpoints spared while an evaluation read them go once
+    the evaluations are done (or still spared if one goes on)."""
+    from types import SimpleNamespace
+
+    from trainer.loop import Trainer
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"step_{step}").mkdir(parents=True)
+    still_reading: set[int] = {4}
+    fake = SimpleNamespace(
+        complete_save=lambda: None,
+        lm_evals=SimpleNamespace(finish=lambda: None, steps=lambda: still_reading),
+        info=SimpleNamespace(is_main=True),
+        run_dir=tmp_path,
+        cfg=SimpleNamespace(train=SimpleNamespace(keep_checkpoints=1)),
+    )
+    Trainer.wind_down(fake)  # type: ignore[arg-type]
+    assert sorted(p.name for p in root.iterdir()) == ["step_4", "step_6"]
+    still_reading.clear()
+    Trainer.wind_down(fake)  # type: ignore[arg-type]
+    assert sorted(p.name for p in root.iterdir()) == ["step_6"]

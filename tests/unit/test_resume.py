@@ -383,3 +383,58 @@ def test_a_branch_of_a_branch_is_refused_naming_the_run_it_came_from(
     start = resume.Start(saved.path, saved.meta, branching=True)
     with pytest.raises(ConfigError, match=f"is a checkpoint of a branch \\(of {grandparent}\\)"):
         resume.accept(start, compose([f"branch.checkpoint={saved.path}", "branch.decay_steps=2"]).to_dict())
+
+
+def test_a_checkpoint_whose_dcp_metadata_is_refused_is_passed_over_like_a_damaged_one(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tampered ``dcp/.metadata`` whose checksum was updated too: never executed, named in the warning,
+    and the previous checkpoint used; named by run.resume, refused in one line."""
+    save_checkpoint(tmp_path, 2, ddp_backend, alone)
+    newest = save_checkpoint(tmp_path, 4, ddp_backend, alone)
+    marker = Path("/tmp/ramp-checkpoint-executed-code")
+    marker.unlink(missing_ok=True)
+    (newest / "dcp" / ".metadata").write_bytes(pickle.dumps({"weights": _Payload()}))
+    meta = json.loads((newest / "meta.json").read_text())
+    meta["files"]["dcp/.metadata"] = checkpoint.checksum(newest / "dcp" / ".metadata")
+    (newest / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="ramp"):
+        chosen = resume.choose(resume.RunPlan(tmp_path, checkpoint.complete_checkpoints(tmp_path)), alone)
+    assert chosen is not None
+    assert chosen.path == tmp_path / "step_2"
+    assert (
+        "dcp/.metadata is refused, never loaded (DCP metadata may not reference posix.system" in caplog.text
+    )
+    with pytest.raises(ConfigError, match=r"^run.resume=.*step_4: dcp/.metadata is refused, never loaded"):
+        resume.choose(resume.RunPlan(tmp_path, [newest], explicit=True), alone)
+    assert not marker.exists()
+
+
+def test_a_run_whose_every_checkpoint_is_unusable_is_refused_not_started_over(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    for step in (2, 4):
+        path = save_checkpoint(tmp_path, step, ddp_backend, alone)
+        (path / "rank_0.pt").write_bytes(b"damaged")
+    with pytest.raises(ConfigError) as raised:
+        resume.choose(resume.RunPlan(tmp_path, checkpoint.complete_checkpoints(tmp_path)), alone)
+    assert str(raised.value) == (
+        f"run.resume=auto: every checkpoint in {tmp_path} is unusable (see the warnings above); nothing was "
+        "changed. Restore one, or start this run over by moving that folder away, or start a new run "
+        "(another run.name)"
+    )
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_4", "step_2"]
+
+
+def test_another_number_of_ranks_says_when_the_global_batch_changes(
+    tmp_path: Path, ddp_backend: DDPBackend, alone: DistInfo
+) -> None:
+    import dataclasses
+
+    path = save_checkpoint(tmp_path, 2, ddp_backend, alone)
+    two_ranks = dataclasses.replace(resume.read_meta(path), config=compose().to_dict(), world_size=2)
+    assert resume._batch_change(two_ranks, 16) == ""  # 8 samples x 1 accumulation x 2 ranks, kept
+    assert resume._batch_change(two_ranks, 8) == (
+        "; the global batch changes from 16 to 8 samples a step (to keep it, scale train.grad_accum_steps or "
+        "train.micro_batch_size inversely to the ranks)"
+    )

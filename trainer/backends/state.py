@@ -197,6 +197,18 @@ def full_model_state(folder: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def metadata_problem(folder: Path) -> str | None:
+    """Why a checkpoint's ``dcp/.metadata`` cannot be loaded (it references anything but DCP's plain
+    metadata, or is unreadable), or None; it is never executed either way."""
+    try:
+        SafeReader(folder / FOLDER).read_metadata()
+    except pickle.UnpicklingError as err:
+        return f"{FOLDER}/.metadata is refused, never loaded ({err})"
+    except (OSError, EOFError, ValueError, TypeError, AttributeError) as err:
+        return f"{FOLDER}/.metadata is unreadable ({type(err).__name__}: {err})"
+    return None
+
+
 _METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),

@@ -155,7 +155,7 @@ def _check_val_batch(describe: str, train_tokens: int, val_tokens: int, cfg: Con
     fixes = (
         [f"lower train.micro_batch_size to {windows // world_size} or less"] if windows >= world_size else []
     )
-    if (val_tokens - 1) // need >= t.seq_len // 4:  # a shorter sequence, not a degenerate one
+    if (val_tokens - 1) // need >= max(1, t.seq_len // 4):  # a shorter sequence, not a degenerate one
         fixes.append(f"lower train.seq_len to {(val_tokens - 1) // need} or less")
     slice_tokens, total = need * t.seq_len + 1, train_tokens + val_tokens
     # Documents are held out whole (by a hash of their text), so a fraction only approximates the

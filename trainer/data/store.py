@@ -194,8 +194,9 @@ def build(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info(
-        "ramp | data: %d documents, %d tokens (%d val; validation: %s) in %.1f s: %.0f tokens/s",
+        "ramp | data: %d document%s, %d tokens (%d val; validation: %s) in %.1f s: %.0f tokens/s",
         stats.documents["train"] + stats.documents["val"],
+        "" if stats.documents["train"] + stats.documents["val"] == 1 else "s",
         total,
         stats.tokens["val"],
         val_rule(meta),

@@ -62,3 +62,12 @@ def test_cpu_offload_without_a_gpu_is_refused_before_any_process_group() -> None
 def test_ckpt_async_with_deepspeed_is_refused_when_composed() -> None:
     with pytest.raises(ConfigError, match=r"train\.ckpt_async=true needs backend=ddp or backend=fsdp"):
         compose(["backend=deepspeed", "train.ckpt_async=true"])
+
+
+def test_a_backend_name_that_contradicts_the_backend_group_is_refused_naming_the_fix() -> None:
+    with pytest.raises(ConfigError) as raised:
+        compose(["backend=fsdp", "backend.name=ddp"])
+    assert str(raised.value) == (
+        "backend.name=ddp contradicts the backend group's keys (FSDPBackend); choose the backend with "
+        "backend=ddp, not backend.name"
+    )

@@ -256,3 +256,16 @@ def test_every_fix_a_data_error_offers_makes_the_run_start(
     for fix in fixes:
         data = build_data(config(*base, fix), ONE_PROCESS)
         assert data.train.num_samples >= 1, fix
+
+
+def test_a_validation_slice_error_never_offers_a_sequence_length_below_one() -> None:
+    """A corpus of a few tokens at train.seq_len=1 (the fix the training error offered): the validation
+    error offers what can work, not ``lower train.seq_len to 0``."""
+    from trainer.data import _check_val_batch
+
+    with pytest.raises(ConfigError) as raised:
+        _check_val_batch(
+            "data.files=tiny.txt", 9, 2, config("train.seq_len=1", "train.micro_batch_size=1"), 2
+        )
+    assert "train.seq_len to" not in str(raised.value)
+    assert str(raised.value).endswith("set train.eval_every=0 to skip evaluation")

@@ -106,7 +106,7 @@ MUTANTS = [
     ),
     Mutant(
         "a non-finite update applied by the fused optimizer (found_inf not set)",
-        "trainer/backends/ddp.py",
+        "trainer/backends/torch_step.py",
         "            self.optimizer.found_inf = (~applied).float()  # type: ignore[attr-defined]\n",
         "",
         (f"{UNIT}/backends/test_ddp.py",),
@@ -300,8 +300,8 @@ MUTANTS = [
     Mutant(
         "checksums not verified",
         "trainer/resume.py",
-        "    return checkpoint.verify(folder, meta.files)",
-        "    return None",
+        "    reason = checkpoint.verify(folder, meta.files)\n",
+        "    reason = None\n",
         (f"{UNIT}/test_resume.py",),
     ),
     Mutant(

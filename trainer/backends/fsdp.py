@@ -24,9 +24,7 @@ Source: torch 2.13's ``torch.distributed.fsdp.fully_shard`` and its documentatio
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from trainer import distributed
-from trainer.backends import AppliedLRs, Backend, state
+from trainer.backends.torch_step import TorchStepBackend
 from trainer.config import Config, Precision
 from trainer.config import FSDPBackend as FSDPConfig
 from trainer.distributed import DistInfo
@@ -43,7 +41,7 @@ from trainer.errors import ConfigError
 from trainer.models import build_optimizer
 
 if TYPE_CHECKING:
-    from trainer.resume import CheckpointMeta
+    pass
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -81,7 +79,7 @@ def device_mesh(cfg: FSDPConfig, info: DistInfo) -> DeviceMesh:
     return init_device_mesh(info.device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
-class FSDPBackend(Backend):
+class FSDPBackend(TorchStepBackend):
     """FSDP2 across the ranks (gloo on CPU, nccl on GPU); works alone too (a mesh of one rank)."""
 
     name = "fsdp"
@@ -116,62 +114,9 @@ class FSDPBackend(Backend):
         assert isinstance(model, FSDPModule)
         self.fsdp: FSDPModule = model
         self.module = self.model = model
-        self.optimizer = build_optimizer(
-            model, cfg.optim, torch.device("cpu") if b.cpu_offload else info.device
-        )
-        self.probe = AppliedLRs(self.optimizer)
-        self.on_device = bool(self.optimizer.defaults.get("fused"))
-        self.background: state.BackgroundSaves | None = None
-        """Built by the first background save (collective: every rank saves)."""
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The AdamW groups (decay and no_decay), over the sharded parameters."""
-        return self.optimizer.param_groups
-
-    @property
-    def applied_lrs(self) -> dict[str, float]:
-        """Read by the pre-step hook on the AdamW optimizer."""
-        return self.probe.read()
+        self.adopt(build_optimizer(model, cfg.optim, torch.device("cpu") if b.cpu_offload else info.device))
 
     def accumulate(self, last: bool) -> AbstractContextManager[Any]:
         """Gradients reduce-scatter on ``last`` (or on every micro-batch, backend.reduce_every_micro_batch)."""
         self.fsdp.set_requires_gradient_sync(last or self.reduce_every_micro_batch)
         return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``: the reduce-scatter averages over ranks, micro-batches of one step add up."""
-        loss.backward()
-
-    def step(self, hold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clip (``train.max_grad_norm``) by the full gradient's norm, step AdamW unless it is not finite or
-        ``hold`` is set, zero the gradients."""
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        if self.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a replicated DTensor
-        # On the gradients' device: the CPU with backend.cpu_offload, where the optimizer steps too.
-        applied = torch.isfinite(norm) if hold is None else torch.isfinite(norm) & ~hold.to(norm.device)
-        if self.on_device:
-            self.optimizer.found_inf = (~applied).float()  # type: ignore[attr-defined]
-            self.optimizer.step()
-        elif bool(applied):  # a host-device sync, for an optimizer that cannot drop an update itself
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach().to(self.device), applied.to(self.device)
-
-    def save(self, folder: Path, info: DistInfo, background: bool = False) -> Future[Any] | None:
-        """Each rank's shards into ``folder/dcp`` (see :mod:`trainer.backends.state`)."""
-        if background and self.background is None:
-            self.background = state.BackgroundSaves(info)
-        return state.save(self.module, self.optimizer, folder, info, self.background if background else None)
-
-    def load(self, folder: Path, meta: CheckpointMeta, info: DistInfo) -> None:
-        """Weights and AdamW state, resharded from any number of ranks.
-
-        Raises:
-            ConfigError: a checkpoint without DCP state (another backend's, or ramp's first format).
-        """
-        state.load(self.module, self.optimizer, folder, info)

@@ -286,7 +286,7 @@ class Trainer:
                 accum,
             )
         log.info(
-            "ramp | %s: %.2fM parameters | world %d, backend %s | %s -> %s",
+            "ramp | %s: %.2fM parameters | world %d | backend %s | %s -> %s",
             self.cfg.model.name,
             count_parameters(self.backend.module) / 1e6,
             world,

@@ -175,7 +175,7 @@ def test_the_model_card_holds_the_runs_own_numbers(run: Path, exports: dict[str,
     assert rows["Parameters"] == str(
         sum(p.numel() for p in load_model(run / "checkpoints" / "step_4").parameters())
     )
-    assert rows["Schedule"] == "cosine, peak LR 0.0006, warmup 1 steps, 4 steps in all"
+    assert rows["Schedule"] == "cosine, peak LR 0.0006, warmup 1 step, 4 steps in all"
     assert rows["Data"] == "text (files=corpus/*.txt)"
     assert rows["Weights"] == "fp32"
     assert "| Weights | bf16 |" in (exports["bf16"] / "README.md").read_text()
